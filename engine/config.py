@@ -1,0 +1,329 @@
+"""Training configuration: YAML files loaded into typed dataclasses.
+
+A config file only needs the keys it changes; everything else keeps the defaults below.
+`--set section.key=value` overrides a single value after the file is read (the value is
+parsed as YAML, so `--set train.epochs=3` gives an int and `--set input.train_sizes=[240,288]`
+a list). Unknown keys, wrong types and out-of-range values raise ConfigError with one line
+that names the key and the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from engine.errors import EngineError
+
+MODEL_NAMES = (
+    "fasterrcnn_mobilenet_v3_large_fpn",
+    "fasterrcnn_mobilenet_v3_large_320_fpn",
+    "fasterrcnn_resnet50_fpn_v2",
+)
+RUN_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+class ConfigError(EngineError, ValueError):
+    """A bad config value; the message is one line naming the key and the file."""
+
+
+@dataclass
+class RunConfig:
+    name: Optional[str] = None  # default: <config stem>-<YYYYmmdd-HHMMSS>
+    runs_dir: str = "runs"
+    checkpoints_dir: str = "checkpoints"
+    seed: int = 42
+    author: str = ""  # copied into the results report; empty -> a prompt for the user
+    contact: str = ""
+    notes: str = ""
+
+
+@dataclass
+class SynthConfig:
+    """Used when data.root does not exist and data.generate_if_missing is true."""
+    train: int = 600
+    valid: int = 100
+    test: int = 100
+    seed: int = 0
+    width: int = 320
+    height: int = 240
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/synthetic"  # Roboflow COCO export: <root>/{train,valid,test}/_annotations.coco.json
+    train_split: str = "train"
+    valid_split: str = "valid"
+    test_split: str = "test"
+    num_workers: int = 2
+    train_limit: int = 0  # use only the first N train images (0 = all); for smoke runs
+    valid_limit: int = 0
+    generate_if_missing: bool = False  # generate the synthetic set at `root` when it is missing
+    synth: SynthConfig = field(default_factory=SynthConfig)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "fasterrcnn_mobilenet_v3_large_fpn"
+    weights: str = "coco"  # coco | none | path to a checkpoint (.pth) to fine-tune from
+    trainable_backbone_layers: Optional[int] = None  # None = torchvision's default
+    num_classes: int = 2  # 1 plate class + background
+
+
+@dataclass
+class InputConfig:
+    """Resizing is done once, by the model's own transform (GeneralizedRCNNTransform)."""
+    train_sizes: list = field(default_factory=lambda: [800, 900, 1000, 1100, 1200, 1333])  # shorter side, sampled per batch
+    test_size: int = 800  # shorter side at validation / test / predict
+    max_size: int = 1333  # longer side cap
+
+
+@dataclass
+class AugmentConfig:
+    hflip_p: float = 0.5
+    brightness: float = 0.2
+    contrast: float = 0.2
+    saturation: float = 0.2
+    hue: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"
+    lr: float = 0.005
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_epochs: float = 3.0  # linear warmup, per iteration
+    warmup_start_factor: float = 0.001  # lr at step 0 = lr * this
+    min_lr: float = 1e-6  # cosine annealing ends here at the last iteration
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 50
+    batch_size: int = 16
+    amp: bool = True  # fp16 autocast + GradScaler; only on CUDA
+    grad_clip: float = 10.0  # max L2 norm; 0 disables clipping (the norm is still logged)
+    early_stopping_patience: int = 10  # epochs without a better val mAP@0.5; 0 disables
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    log_every: int = 1  # write a step record every N iterations
+    deterministic: bool = False
+
+
+@dataclass
+class EvalConfig:
+    score_threshold: float = 0.5  # deployment threshold for precision / recall / F1
+    iou_threshold: float = 0.5
+    batch_size: int = 4
+    probe_images: int = 8  # validation images predicted every epoch for the dashboard's slider
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    source: str = field(default="", metadata={"internal": True})  # the file this came from
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.pop("source", None)
+        return out
+
+
+# ----------------------------------------------------------------------------- range checks
+# key -> (predicate, description); checked after loading and after every override.
+_RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
+    "run.seed": (lambda v: v >= 0, ">= 0"),
+    "run.name": (lambda v: v is None or bool(RUN_NAME_RE.match(v)), "letters, digits, '-', '_', '.' only"),
+    "data.num_workers": (lambda v: v >= 0, ">= 0"),
+    "data.train_limit": (lambda v: v >= 0, ">= 0"),
+    "data.valid_limit": (lambda v: v >= 0, ">= 0"),
+    "data.synth.train": (lambda v: v >= 1, ">= 1"),
+    "data.synth.valid": (lambda v: v >= 1, ">= 1"),
+    "data.synth.test": (lambda v: v >= 1, ">= 1"),
+    "data.synth.width": (lambda v: 64 <= v <= 4096, "between 64 and 4096"),
+    "data.synth.height": (lambda v: 64 <= v <= 4096, "between 64 and 4096"),
+    "model.name": (lambda v: v in MODEL_NAMES, "one of " + ", ".join(MODEL_NAMES)),
+    "model.weights": (lambda v: bool(v), "coco, none or a checkpoint path"),
+    "model.trainable_backbone_layers": (lambda v: v is None or 0 <= v <= 6, "between 0 and 6"),
+    "model.num_classes": (lambda v: v == 2, "2 (one plate class + background)"),
+    "input.train_sizes": (lambda v: len(v) > 0 and all(isinstance(x, int) and 32 <= x <= 4096 for x in v),
+                          "a non-empty list of ints between 32 and 4096"),
+    "input.test_size": (lambda v: 32 <= v <= 4096, "between 32 and 4096"),
+    "input.max_size": (lambda v: 32 <= v <= 8192, "between 32 and 8192"),
+    "augment.hflip_p": (lambda v: 0 <= v <= 1, "between 0 and 1"),
+    "augment.brightness": (lambda v: 0 <= v <= 1, "between 0 and 1"),
+    "augment.contrast": (lambda v: 0 <= v <= 1, "between 0 and 1"),
+    "augment.saturation": (lambda v: 0 <= v <= 1, "between 0 and 1"),
+    "augment.hue": (lambda v: 0 <= v <= 0.5, "between 0 and 0.5"),
+    "optim.name": (lambda v: v == "sgd", "sgd"),
+    "optim.lr": (lambda v: 0 < v <= 10, "> 0 and <= 10"),
+    "optim.momentum": (lambda v: 0 <= v < 1, ">= 0 and < 1"),
+    "optim.weight_decay": (lambda v: 0 <= v < 1, ">= 0 and < 1"),
+    "schedule.warmup_epochs": (lambda v: v >= 0, ">= 0"),
+    "schedule.warmup_start_factor": (lambda v: 0 < v <= 1, "> 0 and <= 1"),
+    "schedule.min_lr": (lambda v: v >= 0, ">= 0"),
+    "train.epochs": (lambda v: 1 <= v <= 10000, "between 1 and 10000"),
+    "train.batch_size": (lambda v: 1 <= v <= 1024, "between 1 and 1024"),
+    "train.grad_clip": (lambda v: v >= 0, ">= 0"),
+    "train.early_stopping_patience": (lambda v: v >= 0, ">= 0"),
+    "train.device": (lambda v: bool(re.match(r"^(auto|cpu|cuda(:\d+)?)$", v)), "auto, cpu, cuda or cuda:N"),
+    "train.log_every": (lambda v: v >= 1, ">= 1"),
+    "eval.score_threshold": (lambda v: 0 <= v <= 1, "between 0 and 1"),
+    "eval.iou_threshold": (lambda v: 0 < v < 1, "between 0 and 1"),
+    "eval.batch_size": (lambda v: v >= 1, ">= 1"),
+    "eval.probe_images": (lambda v: 0 <= v <= 64, "between 0 and 64"),
+}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin is Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key, where)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: {key} must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: {key} must be an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
+        return value
+    if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: {key} must be a string, got {value!r}")
+        return value
+    if tp is list or origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: {key} must be a list, got {value!r}")
+        return list(value)
+    raise ConfigError(f"{where}: {key} has unsupported type {_type_name(tp)}")
+
+
+def _apply(obj: Any, data: dict, prefix: str, where: str) -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'top level'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj) if not f.metadata.get("internal")}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"{where}: unknown key {full!r} (known: {', '.join(sorted(names))})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _apply(current, value if value is not None else {}, f"{full}.", where)
+        else:
+            setattr(obj, key, _coerce(value, hints[key], full, where))
+
+
+def _check_ranges(cfg: Config, where: str) -> None:
+    for key, (ok, desc) in _RANGES.items():
+        value = get_value(cfg, key)
+        try:
+            good = ok(value)
+        except TypeError:
+            good = False
+        if not good:
+            raise ConfigError(f"{where}: {key} must be {desc}, got {value!r}")
+    if cfg.schedule.min_lr > cfg.optim.lr:
+        raise ConfigError(f"{where}: schedule.min_lr ({cfg.schedule.min_lr}) must not exceed optim.lr ({cfg.optim.lr})")
+
+
+def get_value(cfg: Config, key: str) -> Any:
+    obj: Any = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.epochs=3' -> ('train.epochs', 3); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _nest(key: str, value: Any) -> dict:
+    out: dict = {}
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+    return out
+
+
+def config_from_dict(data: dict, where: str = "<dict>", overrides: Optional[list[str]] = None) -> Config:
+    cfg = Config(source=where)
+    _apply(cfg, data or {}, "", where)
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _apply(cfg, _nest(key, value), "", f"--set {key}")
+    _check_ranges(cfg, where)
+    return cfg
+
+
+def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -> Config:
+    """Read a YAML config, apply `--set` overrides, validate. Raises ConfigError."""
+    path = Path(path)
+    where = str(path)
+    if not path.is_file():
+        raise ConfigError(f"{where}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"{where}: not valid YAML{line}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{where}: cannot read config ({exc})") from None
+    if data is None:
+        data = {}
+    return config_from_dict(data, where, overrides)
+
+
+def save_config(cfg: Config, path: Union[str, Path]) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def validate_run_name(name: str) -> str:
+    if not name or not RUN_NAME_RE.match(name) or name in (".", ".."):
+        raise ConfigError(f"run name {name!r}: use letters, digits, '-', '_', '.' only")
+    return name

@@ -1,0 +1,272 @@
+"""The run folder contract (see docs/engine.md): paths, atomic writes and tolerant readers.
+
+Writers (the trainer) and readers (the dashboard, the report) both go through this module so
+the file names and record shapes live in one place.
+
+status.json   {"state", "run", "pid", "pgid", "host", "device", "device_name", "started_at",
+               "updated_at", "ended_at", "epoch", "epochs", "step", "steps_per_epoch",
+               "global_step", "total_steps", "best": {"epoch", "map50"}, "images_per_s",
+               "eta_s", "message", "error", "checkpoint_dir"}     times are unix seconds
+metrics.jsonl {"type": "step", "step", "epoch", "time", "loss", "loss_classifier", "loss_box_reg",
+               "loss_objectness", "loss_rpn_box_reg", "lr", "grad_norm", "images_per_s"}
+              {"type": "epoch", "epoch", "step", "time", "train_loss", "val_map50", "val_map50_95",
+               "val_precision", "val_recall", "val_f1", "lr", "epoch_time_s", "is_best"}
+              `step` is the global iteration (1-based, the number of optimizer steps done);
+              `epoch` is 1-based.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional, Union
+
+CONFIG_FILE = "config.yaml"
+STATUS_FILE = "status.json"
+METRICS_FILE = "metrics.jsonl"
+LOG_FILE = "train.log"
+DATASET_FILE = "dataset.json"  # dataset summary per split
+TEST_DIR = "test"  # evaluate output: metrics.json, predictions, curves, samples
+PROBES_DIR = "probes"  # probes/epoch_NNN/<image>.jpg + probes/index.json
+BEST_CKPT = "best.pth"
+LAST_CKPT = "last.pth"
+
+LIVE_STATES = ("queued", "running")
+END_STATES = ("completed", "stopped", "failed")
+DERIVED_STATES = ("crashed", "stalled")
+STALL_AFTER_S = 120.0  # no heartbeat for this long while alive -> stalled
+
+PathLike = Union[str, Path]
+
+
+# ----------------------------------------------------------------------------- atomic writes
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Write to a temp file in the same folder, fsync, then os.replace: readers never see half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def atomic_write_json(path: PathLike, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=_json_default) + "\n").encode("utf-8"))
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "item"):  # numpy / torch scalars
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+def read_json(path: PathLike) -> Optional[Any]:
+    """The parsed file, or None when it is missing or not (yet) valid JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+# ----------------------------------------------------------------------------- status
+def hostname() -> str:
+    return socket.gethostname()
+
+
+def pid_alive(pid: Optional[int]) -> bool:
+    if not pid or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited, not yet reaped by its parent) still answers kill(0); check /proc.
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            state = fh.read().rsplit(b")", 1)[1].split()[0]
+        return state != b"Z"
+    except (OSError, IndexError):
+        return True
+
+
+def read_status(run_path: PathLike) -> Optional[dict]:
+    status = read_json(Path(run_path) / STATUS_FILE)
+    return status if isinstance(status, dict) else None
+
+
+def effective_state(status: Optional[dict], now: Optional[float] = None,
+                    stall_after: float = STALL_AFTER_S) -> str:
+    """The state a reader should show: the written state, or `crashed` / `stalled` derived.
+
+    crashed: the status says queued/running, it was written on this host and the pid is gone.
+    stalled: the status says queued/running but the heartbeat is older than `stall_after`.
+    """
+    if not status:
+        return "unknown"
+    state = status.get("state") or "unknown"
+    if state not in LIVE_STATES:
+        return state
+    if status.get("host") == hostname() and status.get("pid") and not pid_alive(status.get("pid")):
+        return "crashed"
+    now = time.time() if now is None else now
+    updated = status.get("updated_at") or status.get("started_at") or 0
+    if now - float(updated) > stall_after:
+        return "stalled"
+    return state
+
+
+class StatusWriter:
+    """Holds the current status dict and replaces status.json atomically on every update."""
+
+    def __init__(self, run_path: PathLike, **initial: Any):
+        self.path = Path(run_path) / STATUS_FILE
+        previous = read_status(run_path) or {}
+        self.status: dict = {**previous, **initial}
+        self.status.setdefault("host", hostname())
+        self.last_write = 0.0
+
+    def update(self, **fields: Any) -> dict:
+        self.status.update(fields)
+        self.status["updated_at"] = time.time()
+        atomic_write_json(self.path, self.status)
+        self.last_write = self.status["updated_at"]
+        return self.status
+
+    def heartbeat(self, every: float = 5.0, **fields: Any) -> None:
+        """Update only when `every` seconds have passed since the last write (or fields changed state)."""
+        self.status.update(fields)
+        if time.time() - self.last_write >= every:
+            self.update()
+
+
+# ----------------------------------------------------------------------------- metrics
+def append_jsonl(path: PathLike, record: dict) -> None:
+    """Append one record as a line and flush it (one write call per line)."""
+    line = json.dumps(record, default=_json_default) + "\n"
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(line)
+        fh.flush()
+
+
+def read_jsonl(path: PathLike, offset: int = 0) -> tuple[list[dict], int]:
+    """Records of complete lines from byte `offset`; returns (records, new_offset).
+
+    A half-written last line (no newline yet) is not consumed: the next call reads it once it
+    is complete. Lines that are not valid JSON objects are skipped.
+    """
+    records: list[dict] = []
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read()
+    except OSError:
+        return records, offset
+    end = data.rfind(b"\n")
+    if end < 0:
+        return records, offset
+    for raw in data[: end + 1].splitlines():
+        raw = raw.strip()
+        if not raw:
+            continue
+        try:
+            rec = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            records.append(rec)
+    return records, offset + end + 1
+
+
+def dedupe_records(records: Iterable[dict]) -> tuple[list[dict], list[dict]]:
+    """(step records, epoch records), keeping the newest record per step / per epoch, sorted.
+
+    A resumed run appends to the same file and may repeat steps after its last checkpoint.
+    """
+    steps: dict[int, dict] = {}
+    epochs: dict[int, dict] = {}
+    for rec in records:
+        kind = rec.get("type")
+        if kind == "step" and isinstance(rec.get("step"), int):
+            steps[rec["step"]] = rec
+        elif kind == "epoch" and isinstance(rec.get("epoch"), int):
+            epochs[rec["epoch"]] = rec
+    return [steps[k] for k in sorted(steps)], [epochs[k] for k in sorted(epochs)]
+
+
+@dataclass
+class MetricsTail:
+    """Incremental reader of metrics.jsonl: each `poll()` reads only bytes added since the last."""
+    path: Path
+    offset: int = 0
+    records: list = field(default_factory=list)
+
+    def poll(self) -> bool:
+        new, self.offset = read_jsonl(self.path, self.offset)
+        self.records.extend(new)
+        return bool(new)
+
+    def frames(self) -> tuple[list[dict], list[dict]]:
+        return dedupe_records(self.records)
+
+
+def read_metrics(run_path: PathLike) -> tuple[list[dict], list[dict]]:
+    records, _ = read_jsonl(Path(run_path) / METRICS_FILE)
+    return dedupe_records(records)
+
+
+def tail_text(path: PathLike, max_bytes: int = 20000, max_lines: int = 200) -> str:
+    """The last lines of a text file (e.g. train.log), tqdm carriage returns folded."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - max_bytes))
+            data = fh.read()
+    except OSError:
+        return ""
+    text = data.decode("utf-8", errors="replace")
+    lines = [ln.rsplit("\r", 1)[-1] if "\r" in ln.rstrip("\r") else ln.rstrip("\r") for ln in text.split("\n")]
+    return "\n".join(lines[-max_lines:])
+
+
+# ----------------------------------------------------------------------------- listing
+def run_path(runs_dir: PathLike, name: str) -> Path:
+    return Path(runs_dir) / name
+
+
+def checkpoint_path(checkpoints_dir: PathLike, name: str, which: str = "best") -> Path:
+    return Path(checkpoints_dir) / name / (BEST_CKPT if which == "best" else LAST_CKPT)
+
+
+def list_run_names(runs_dir: PathLike) -> list[str]:
+    """Folders under runs_dir holding a status.json or config.yaml, newest first."""
+    root = Path(runs_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        if child.is_dir() and ((child / STATUS_FILE).exists() or (child / CONFIG_FILE).exists()):
+            found.append(child)
+    found.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    return [p.name for p in found]
