@@ -1,0 +1,274 @@
+"""Detection metrics for the single plate class.
+
+Inputs are plain lists (one entry per image):
+
+    gts   [{"image_id": int, "boxes": (N,4) xyxy, "width": int, "height": int}, ...]
+    preds [{"image_id": int, "boxes": (M,4) xyxy, "scores": (M,)}, ...]
+
+- `coco_map`: mAP@0.5, mAP@0.5:0.95, AP75 and AP small/medium/large from pycocotools.
+- `match_detections`: one-to-one greedy matching per image, detections by descending score, each
+  taking the unmatched ground-truth box with the highest IoU >= `iou` (the rule pycocotools uses).
+- `prf_at_threshold`, `prf_vs_confidence`, `best_f1`, `pr_curve`: built on that matching.
+
+Conventions: a detection is kept at threshold t when score >= t. precision = TP / (TP + FP) and is
+0 when nothing is kept; recall = TP / (TP + FN) and is 0 when there is no ground truth;
+F1 = 2PR / (P + R), 0 when P + R = 0. Like pycocotools, only the `max_dets` (100) highest-scoring
+detections of an image count.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+from typing import Optional, Sequence
+
+import numpy as np
+
+MAX_DETS = 100
+RECALL_POINTS = np.linspace(0.0, 1.0, 101)  # COCO's 101-point interpolation
+COCO_KEYS = ("map50", "map50_95", "map75", "map_small", "map_medium", "map_large")
+
+
+# ----------------------------------------------------------------------------- helpers
+def _as_boxes(boxes) -> np.ndarray:
+    arr = np.asarray(boxes if boxes is not None else [], dtype=np.float64)
+    return arr.reshape(-1, 4)
+
+
+def _as_scores(scores) -> np.ndarray:
+    return np.asarray(scores if scores is not None else [], dtype=np.float64).reshape(-1)
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU matrix (len(a), len(b)) of xyxy boxes."""
+    a, b = _as_boxes(a), _as_boxes(b)
+    if len(a) == 0 or len(b) == 0:
+        return np.zeros((len(a), len(b)))
+    area_a = np.clip(a[:, 2] - a[:, 0], 0, None) * np.clip(a[:, 3] - a[:, 1], 0, None)
+    area_b = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
+    w = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
+    h = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
+    inter = w * h
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def _preds_by_image(preds: Sequence[dict]) -> dict:
+    """image_id -> (boxes, scores); several entries for one image are concatenated."""
+    out: dict = {}
+    for p in preds:
+        boxes, scores = _as_boxes(p.get("boxes")), _as_scores(p.get("scores"))
+        if len(boxes) != len(scores):
+            raise ValueError(f"image {p.get('image_id')}: {len(boxes)} boxes but {len(scores)} scores")
+        image_id = int(p["image_id"])
+        if image_id in out:
+            b0, s0 = out[image_id]
+            boxes, scores = np.concatenate([b0, boxes]), np.concatenate([s0, scores])
+        out[image_id] = (boxes, scores)
+    return out
+
+
+def _safe_div(num: float, den: float) -> float:
+    return float(num) / float(den) if den > 0 else 0.0
+
+
+def _f1(p: float, r: float) -> float:
+    return 2 * p * r / (p + r) if p + r > 0 else 0.0
+
+
+# ----------------------------------------------------------------------------- matching
+def match_detections(gts: Sequence[dict], preds: Sequence[dict], iou: float = 0.5,
+                     max_dets: int = MAX_DETS) -> list[dict]:
+    """Per image (in image-id order), the one-to-one greedy matching.
+
+    Each entry: {"image_id", "gt_boxes", "pred_boxes", "scores" (descending), "pred_gt" (index of the
+    matched gt or -1 per detection), "pred_iou" (IoU with the matched gt, else the best IoU with any
+    gt), "gt_pred" (index of the matched detection or -1 per gt), "width", "height"}.
+    Predictions for images that are not in `gts` are ignored.
+    """
+    by_image = _preds_by_image(preds)
+    thr = min(iou, 1 - 1e-10)
+    out = []
+    for gt in sorted(gts, key=lambda g: int(g["image_id"])):
+        image_id = int(gt["image_id"])
+        gboxes = _as_boxes(gt.get("boxes"))
+        pboxes, scores = by_image.get(image_id, (np.zeros((0, 4)), np.zeros(0)))
+        order = np.argsort(-scores, kind="mergesort")[:max_dets]
+        pboxes, scores = pboxes[order], scores[order]
+        ious = box_iou(pboxes, gboxes)
+        gt_pred = np.full(len(gboxes), -1, dtype=np.int64)
+        pred_gt = np.full(len(pboxes), -1, dtype=np.int64)
+        pred_iou = ious.max(axis=1) if len(gboxes) else np.zeros(len(pboxes))
+        for d in range(len(pboxes)):
+            best, m = thr, -1
+            for g in range(len(gboxes)):
+                if gt_pred[g] >= 0 or ious[d, g] < best:
+                    continue
+                best, m = ious[d, g], g
+            if m >= 0:
+                gt_pred[m], pred_gt[d] = d, m
+                pred_iou[d] = ious[d, m]
+        out.append({"image_id": image_id, "gt_boxes": gboxes, "pred_boxes": pboxes, "scores": scores,
+                    "pred_gt": pred_gt, "pred_iou": pred_iou, "gt_pred": gt_pred,
+                    "width": gt.get("width"), "height": gt.get("height")})
+    return out
+
+
+def _ranked(matches: list[dict]) -> tuple[np.ndarray, np.ndarray, int]:
+    """All detections as (scores descending, is_tp) plus the number of gt boxes.
+
+    Ties are broken the way pycocotools does it (stable sort over images in id order).
+    """
+    num_gt = int(sum(len(m["gt_boxes"]) for m in matches))
+    if not matches:
+        return np.zeros(0), np.zeros(0, dtype=bool), 0
+    scores = np.concatenate([m["scores"] for m in matches])
+    tp = np.concatenate([m["pred_gt"] >= 0 for m in matches])
+    order = np.argsort(-scores, kind="mergesort")
+    return scores[order], tp[order].astype(bool), num_gt
+
+
+def _prf(tp: int, fp: int, num_gt: int, threshold: float) -> dict:
+    precision = _safe_div(tp, tp + fp)
+    recall = _safe_div(tp, num_gt)
+    return {"threshold": float(threshold), "precision": precision, "recall": recall,
+            "f1": _f1(precision, recall), "tp": int(tp), "fp": int(fp), "fn": int(num_gt - tp)}
+
+
+# ----------------------------------------------------------------------------- P / R / F1
+def prf_at_threshold(gts: Sequence[dict], preds: Sequence[dict], threshold: float, iou: float = 0.5,
+                     matches: Optional[list[dict]] = None) -> dict:
+    """{precision, recall, f1, tp, fp, fn, threshold} keeping detections with score >= threshold.
+
+    Matching all detections once and then thresholding equals thresholding first: a greedy match
+    by descending score never depends on lower-scoring detections.
+    """
+    matches = match_detections(gts, preds, iou) if matches is None else matches
+    scores, tp, num_gt = _ranked(matches)
+    keep = scores >= threshold
+    return _prf(int(tp[keep].sum()), int((~tp[keep]).sum()), num_gt, threshold)
+
+
+def prf_vs_confidence(gts: Sequence[dict], preds: Sequence[dict], thresholds=None, iou: float = 0.5,
+                      matches: Optional[list[dict]] = None) -> dict:
+    """Precision, recall, F1, TP, FP, FN at each confidence threshold (default 0, 0.01, ..., 1)."""
+    thresholds = np.round(np.linspace(0, 1, 101), 4) if thresholds is None else np.asarray(thresholds, float)
+    matches = match_detections(gts, preds, iou) if matches is None else matches
+    scores, tp, num_gt = _ranked(matches)
+    # scores are descending: the detections kept at t are the first `n` of them.
+    n_kept = np.searchsorted(-scores, -thresholds, side="right")
+    ctp = np.concatenate([[0], np.cumsum(tp)])
+    rows = [_prf(int(ctp[n]), int(n - ctp[n]), num_gt, t) for t, n in zip(thresholds, n_kept)]
+    return {"iou": iou, "num_gt": num_gt,
+            **{k: [r[k] for r in rows] for k in ("threshold", "precision", "recall", "f1", "tp", "fp", "fn")}}
+
+
+def best_f1(gts: Sequence[dict], preds: Sequence[dict], iou: float = 0.5,
+            matches: Optional[list[dict]] = None) -> dict:
+    """The confidence threshold with the highest F1, searched over every detection score.
+
+    Returns {threshold, precision, recall, f1, tp, fp, fn}; on ties the highest threshold wins.
+    With no detections: threshold 0 and F1 0.
+    """
+    matches = match_detections(gts, preds, iou) if matches is None else matches
+    scores, tp, num_gt = _ranked(matches)
+    if len(scores) == 0:
+        return _prf(0, 0, num_gt, 0.0)
+    ctp = np.cumsum(tp)
+    n = np.arange(1, len(scores) + 1)
+    last_of_group = np.append(scores[1:] != scores[:-1], True)  # threshold = score keeps all ties
+    idx = np.flatnonzero(last_of_group)
+    f1 = np.array([_f1(_safe_div(ctp[i], n[i]), _safe_div(ctp[i], num_gt)) for i in idx])
+    best = idx[int(np.argmax(f1))]  # argmax takes the first = highest threshold
+    return _prf(int(ctp[best]), int(n[best] - ctp[best]), num_gt, float(scores[best]))
+
+
+def pr_curve(gts: Sequence[dict], preds: Sequence[dict], iou: float = 0.5,
+             matches: Optional[list[dict]] = None) -> dict:
+    """Precision-recall points over all detection scores, plus the plotting envelope and AP.
+
+    {"iou", "num_gt", "scores", "precision", "recall" (one point per detection, by descending score),
+     "precision_envelope" (max precision at any recall >= this one, monotone),
+     "recall_points" / "precision_interpolated" (COCO's 101 recall points), "ap" (their mean, which is
+     how pycocotools computes AP50)}.
+    """
+    matches = match_detections(gts, preds, iou) if matches is None else matches
+    scores, tp, num_gt = _ranked(matches)
+    ctp, cfp = np.cumsum(tp), np.cumsum(~tp)
+    precision = ctp / np.maximum(ctp + cfp, np.finfo(float).eps)
+    recall = ctp / num_gt if num_gt else np.zeros(len(scores))
+    envelope = np.maximum.accumulate(precision[::-1])[::-1] if len(precision) else precision
+    interpolated = np.zeros(len(RECALL_POINTS))
+    if num_gt and len(scores):
+        pos = np.searchsorted(recall, RECALL_POINTS, side="left")
+        valid = pos < len(recall)
+        interpolated[valid] = envelope[pos[valid]]
+    return {"iou": iou, "num_gt": num_gt,
+            "scores": scores.tolist(), "precision": precision.tolist(), "recall": recall.tolist(),
+            "precision_envelope": envelope.tolist(),
+            "recall_points": RECALL_POINTS.round(2).tolist(), "precision_interpolated": interpolated.tolist(),
+            "ap": float(interpolated.mean()) if num_gt else 0.0}
+
+
+# ----------------------------------------------------------------------------- COCO mAP
+def coco_gt_dict(gts: Sequence[dict]) -> dict:
+    """A COCO ground-truth dict (category 1 = plate) built from the gt list."""
+    images, annotations = [], []
+    for g in gts:
+        images.append({"id": int(g["image_id"]), "width": int(g.get("width") or 0),
+                       "height": int(g.get("height") or 0)})
+        for box in _as_boxes(g.get("boxes")):
+            w, h = float(box[2] - box[0]), float(box[3] - box[1])
+            annotations.append({"id": len(annotations) + 1, "image_id": int(g["image_id"]), "category_id": 1,
+                                "bbox": [float(box[0]), float(box[1]), w, h], "area": w * h, "iscrowd": 0})
+    return {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "license_plate"}]}
+
+
+def coco_results(preds: Sequence[dict], image_ids: Optional[set] = None) -> list[dict]:
+    """Detections in the COCO results format (xywh, category_id 1)."""
+    out = []
+    for p in preds:
+        if image_ids is not None and int(p["image_id"]) not in image_ids:
+            continue
+        for box, score in zip(_as_boxes(p.get("boxes")), _as_scores(p.get("scores"))):
+            out.append({"image_id": int(p["image_id"]), "category_id": 1,
+                        "bbox": [round(float(box[0]), 2), round(float(box[1]), 2),
+                                 round(float(box[2] - box[0]), 2), round(float(box[3] - box[1]), 2)],
+                        "score": round(float(score), 5)})
+    return out
+
+
+def coco_map(gts: Sequence[dict], preds: Sequence[dict]) -> dict:
+    """{map50, map50_95, map75, map_small, map_medium, map_large} from pycocotools (quietly).
+
+    No detections or no ground truth give 0.0 (pycocotools would say -1).
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    zeros = {k: 0.0 for k in COCO_KEYS}
+    gt_dict = coco_gt_dict(gts)
+    results = coco_results(preds, {img["id"] for img in gt_dict["images"]})
+    if not gt_dict["annotations"] or not results:
+        return zeros
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = gt_dict
+        coco_gt.createIndex()
+        coco_dt = coco_gt.loadRes(results)
+        ev = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    stats = [max(float(s), 0.0) for s in ev.stats[:6]]  # -1 = no gt in that size range
+    by_name = dict(zip(("map50_95", "map50", "map75", "map_small", "map_medium", "map_large"), stats))
+    return {k: by_name[k] for k in COCO_KEYS}
+
+
+def detection_metrics(gts: Sequence[dict], preds: Sequence[dict], score_threshold: float = 0.5,
+                      iou: float = 0.5) -> dict:
+    """coco_map plus precision / recall / F1 / TP / FP / FN at `score_threshold`."""
+    prf = prf_at_threshold(gts, preds, score_threshold, iou)
+    out = coco_map(gts, preds)
+    out.update({k: prf[k] for k in ("precision", "recall", "f1", "tp", "fp", "fn")})
+    out["score_threshold"] = float(score_threshold)
+    return out

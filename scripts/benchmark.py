@@ -1,0 +1,135 @@
+"""Speed benchmarks; prints a markdown table (docs/benchmarks.md holds the recorded numbers).
+
+    .venv/bin/python scripts/benchmark.py                 # all: demo training + validation passes
+    .venv/bin/python scripts/benchmark.py --only val      # one validation pass over plates-real/valid
+    .venv/bin/python scripts/benchmark.py --only demo     # the CPU demo, start to finish
+    .venv/bin/python scripts/benchmark.py --only gpu      # the real recipe on plates-real (CUDA box)
+
+demo: trains configs/demo_cpu.yaml as a real subprocess (exactly what the dashboard launches) and
+reads its metrics.jsonl: training images/s (median over step records) and the minutes from the
+run's start until the first epoch whose val mAP@0.5 >= 0.5.
+val:  times engine.evaluate.validate over plates-real/valid (75 images) for the demo model and the
+recipe's model at the recipe's test size, weights none (speed does not depend on the weights).
+gpu:  a short run of the recipe on plates-real on CUDA: images/s and seconds per epoch.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from engine import runs  # noqa: E402
+
+PLATES_REAL = next((p for p in (Path(os.environ.get("PLATES_REAL", "")), ROOT.parent / "shared/data/plates-real",
+                                Path("/work/shared/data/plates-real")) if (p / "valid").is_dir()), None)
+
+
+def machine() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+
+
+def bench_demo(runs_dir: Path) -> list[tuple[str, str, str]]:
+    name = f"bench-demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    cmd = [sys.executable, "-m", "engine", "train", "--config", "configs/demo_cpu.yaml", "--run", name,
+           "--set", f"run.runs_dir={runs_dir}"]
+    t0 = time.time()
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    wall = time.time() - t0
+    run_dir = runs_dir / name
+    steps, epochs = runs.read_metrics(run_dir)
+    status = runs.read_status(run_dir) or {}
+    started = status.get("started_at", t0)
+    ips = [s["images_per_s"] for s in steps if s.get("images_per_s")]
+    reached = next((e for e in epochs if (e.get("val_map50") or 0) >= 0.5), None)
+    best = max((e.get("val_map50") or 0) for e in epochs) if epochs else 0.0
+    cmd_text = "python scripts/benchmark.py --only demo"
+    rows = [
+        ("CPU demo: training images/s (median of step records)", f"{statistics.median(ips):.2f}" if ips else "—", cmd_text),
+        ("CPU demo: minutes until val mAP@0.5 >= 0.5",
+         f"{(reached['time'] - started) / 60:.1f} (epoch {reached['epoch']})" if reached else f"not reached (best {best:.3f})",
+         cmd_text),
+        ("CPU demo: whole run, minutes (incl. test evaluation)", f"{wall / 60:.1f}; best val mAP@0.5 {best:.3f}", cmd_text),
+    ]
+    return rows
+
+
+def bench_val() -> list[tuple[str, str, str]]:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from engine.config import config_from_dict
+    from engine.data import PlateDataset, collate_fn, load_split
+    from engine.evaluate import validate
+    from engine.model import build_model
+
+    if PLATES_REAL is None:
+        return [("validation pass", "plates-real not found", "")]
+    split = load_split(PLATES_REAL, "valid")
+    rows = []
+    for model_name, size, max_size in (("fasterrcnn_mobilenet_v3_large_320_fpn", 320, 427),
+                                       ("fasterrcnn_mobilenet_v3_large_fpn", 800, 1333)):
+        cfg = config_from_dict({"model": {"name": model_name, "weights": "none"},
+                                "input": {"train_sizes": [size], "test_size": size, "max_size": max_size}})
+        model = build_model(cfg).eval()
+        loader = DataLoader(PlateDataset(split, train=False), batch_size=cfg.eval.batch_size,
+                            collate_fn=collate_fn, num_workers=0)
+        t0 = time.perf_counter()
+        validate(model, loader, torch.device("cpu"), cfg.eval.score_threshold)
+        sec = time.perf_counter() - t0
+        rows.append((f"validation pass over plates-real/valid ({len(split.images)} images), {model_name} at {size}px, CPU",
+                     f"{sec:.1f} s ({sec / len(split.images) * 1000:.0f} ms/image)", "python scripts/benchmark.py --only val"))
+    return rows
+
+
+def bench_gpu(runs_dir: Path) -> list[tuple[str, str, str]]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return [("GPU recipe", "no CUDA device here", "")]
+    name = f"bench-gpu-{time.strftime('%Y%m%d-%H%M%S')}"
+    cmd = [sys.executable, "-m", "engine", "train", "--config", "configs/train_plate_detector.yaml", "--run", name,
+           "--data", str(PLATES_REAL), "--device", "cuda", "--set", "model.weights=none", "--set", "train.epochs=3",
+           "--set", f"run.runs_dir={runs_dir}"]
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    steps, epochs = runs.read_metrics(runs_dir / name)
+    ips = [s["images_per_s"] for s in steps[5:] if s.get("images_per_s")]
+    return [("GPU recipe on plates-real: training images/s (AMP, batch 16)", f"{statistics.median(ips):.1f}" if ips else "—",
+             "python scripts/benchmark.py --only gpu"),
+            ("GPU recipe: seconds per epoch (incl. validation)",
+             ", ".join(f"{e.get('epoch_time_s', 0):.1f}" for e in epochs), "python scripts/benchmark.py --only gpu")]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", choices=["demo", "val", "gpu"], action="append")
+    ap.add_argument("--runs-dir", default="runs")
+    args = ap.parse_args()
+    only = set(args.only or ["val", "demo"])
+    rows: list[tuple[str, str, str]] = []
+    if "val" in only:
+        rows += bench_val()
+    if "demo" in only:
+        rows += bench_demo(Path(args.runs_dir))
+    if "gpu" in only:
+        rows += bench_gpu(Path(args.runs_dir))
+    print(f"\nMachine: {machine()}; date {time.strftime('%Y-%m-%d')}\n")
+    print("| measurement | value | command |\n|---|---|---|")
+    for what, value, cmd in rows:
+        print(f"| {what} | {value} | `{cmd}` |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
