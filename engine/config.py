@@ -204,6 +204,8 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
             return None
         return _coerce(value, args[0], key, where)
     if tp is float:
+        if isinstance(value, str) and re.fullmatch(r"\s*[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+\s*", value):
+            value = float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: {key} must be a number, got {value!r}")
         return float(value)

@@ -1,0 +1,106 @@
+"""Checkpoint files: atomic save, weights_only load, and RNG states in plain types.
+
+Format "plate-detector/1" (a dict readable with torch.load(weights_only=True)):
+    format, model, optimizer, scheduler, scaler, epoch (last completed, 1-based), global_step,
+    best {epoch, map50}, early_stopping {best, bad_epochs}, rng {torch, cuda, numpy, python},
+    config (cfg.to_dict()), run, metrics (last epoch record), completed (bool),
+    epoch_progress (None, or the epoch interrupted by a stop request:
+        {epoch, batches_done, start_step, loss_sum, loss_count, time_s}).
+"""
+from __future__ import annotations
+
+import io
+import os
+import random
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+
+from engine.errors import EngineError
+from engine.runs import atomic_write_bytes
+
+FORMAT = "plate-detector/1"
+
+
+class CheckpointError(EngineError):
+    """A checkpoint file is missing, unreadable or not ours."""
+
+
+def save_checkpoint(path: Union[str, Path], obj: dict) -> Path:
+    """Serialize to memory, then write atomically (tmp in the same folder, fsync, os.replace)."""
+    path = Path(path)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+    fsync_dir(path.parent)
+    return path
+
+
+def load_checkpoint(path: Union[str, Path], map_location: Any = "cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # pickle / zip errors come in many types
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if not isinstance(obj, dict) or "model" not in obj:
+        raise CheckpointError(f"{path}: not a plate-detector checkpoint (no 'model' entry)")
+    return obj
+
+
+# ----------------------------------------------------------------------------- RNG states
+def rng_state() -> dict:
+    """All RNG states as tensors / lists / tuples (weights_only-safe)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "python": _to_lists(random.getstate()),
+    }
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    if not state:
+        return
+    if state.get("torch") is not None:
+        torch.set_rng_state(state["torch"].cpu())
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+    if state.get("numpy"):
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
+    if state.get("python"):
+        random.setstate(_to_tuples(state["python"]))
+
+
+def _to_lists(obj: Any) -> Any:
+    if isinstance(obj, (tuple, list)):
+        return [_to_lists(x) for x in obj]
+    return obj
+
+
+def _to_tuples(obj: Any) -> Any:
+    if isinstance(obj, list):
+        return tuple(_to_tuples(x) for x in obj)
+    return obj
+
+
+def fsync_dir(path: Union[str, Path]) -> None:
+    """Best effort: make a rename in `path` durable."""
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,162 @@
+"""Command line: python -m engine train|synth|evaluate|predict|report.
+
+Heavy modules (torch, the evaluation and report code) are imported inside each command, so a
+config error is reported in a fraction of a second and the CLI works before every module exists.
+Any EngineError -> `error: <message>` on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+from engine.errors import EngineError
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a plate detector (new run or --resume)",
+                       description="Train a new run from a config file, or resume a stopped/failed run.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", metavar="FILE", help="YAML config (e.g. configs/demo_cpu.yaml)")
+    src.add_argument("--resume", metavar="RUN", help="continue RUN from checkpoints/RUN/last.pth")
+    p.add_argument("--run", metavar="NAME", help="run name (default: <config stem>-<YYYYmmdd-HHMMSS>)")
+    p.add_argument("--data", metavar="DIR", help="dataset root (sets data.root)")
+    p.add_argument("--device", metavar="D", help="auto, cpu, cuda or cuda:N (sets train.device)")
+    p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+                   help="override one config value, e.g. --set train.epochs=3 (repeatable)")
+    p.add_argument("--runs-dir", metavar="DIR", help="runs folder (default: run.runs_dir of the config, 'runs')")
+    p.set_defaults(func=cmd_train)
+
+
+def _add_synth(sub) -> None:
+    p = sub.add_parser("synth", help="generate the synthetic plate dataset (Roboflow COCO layout)")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--train", type=int, default=600)
+    p.add_argument("--valid", type=int, default=100)
+    p.add_argument("--test", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--width", type=int, default=320)
+    p.add_argument("--height", type=int, default=240)
+    p.set_defaults(func=cmd_synth)
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint on a split; writes metrics.json")
+    p.add_argument("--checkpoint", required=True, metavar="FILE")
+    p.add_argument("--config", metavar="FILE", help="config (default: the one stored in the checkpoint)")
+    p.add_argument("--device", default="auto", metavar="D")
+    p.add_argument("--data", metavar="DIR", help="dataset root (default: data.root of the config)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: runs/<run>/test/)")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="detect plates in images; prints JSON, writes annotated images")
+    p.add_argument("--checkpoint", required=True, metavar="FILE")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--out", metavar="DIR", help="annotated images go here (default: <checkpoint dir>/predictions)")
+    p.add_argument("--score-threshold", type=float, default=0.5, metavar="T")
+    p.add_argument("--device", default="auto", metavar="D")
+    p.set_defaults(func=cmd_predict)
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="write RESULTS.md for a run")
+    p.add_argument("--run", required=True, metavar="RUN")
+    p.add_argument("--out", metavar="DIR")
+    p.add_argument("--runs-dir", default="runs", metavar="DIR")
+    p.add_argument("--checkpoints-dir", default="checkpoints", metavar="DIR")
+    p.set_defaults(func=cmd_report)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m engine", description="License-plate detector engine.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_train, _add_synth, _add_evaluate, _add_predict, _add_report):
+        add(sub)
+    return parser
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_train(args) -> int:
+    from engine.config import load_config, validate_run_name
+
+    device = [f"train.device={args.device}"] if args.device else []
+    if args.resume:
+        if args.config or args.run or args.data or args.overrides:
+            raise EngineError("--resume takes only --runs-dir and --device (the run keeps its config)")
+        from engine.train import load_run_config
+
+        cfg = load_run_config(args.resume, args.runs_dir or "runs", device)
+        run_name, resume = args.resume, True
+    else:
+        cfg = load_config(args.config, list(args.overrides) + device)
+        if args.data:
+            cfg.data.root = args.data
+        if args.runs_dir:
+            cfg.run.runs_dir = args.runs_dir
+        run_name = validate_run_name(args.run) if args.run else None
+        resume = False
+    from engine.train import train  # torch is imported only now
+
+    result = train(cfg, run_name, resume=resume)
+    return 0 if result.get("state") in ("completed", "stopped") else 1
+
+
+def cmd_synth(args) -> int:
+    from engine.synthetic import generate_dataset
+
+    summary = generate_dataset(args.out, train=args.train, valid=args.valid, test=args.test, seed=args.seed,
+                               width=args.width, height=args.height)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from engine.evaluate import evaluate_checkpoint
+
+    evaluate_checkpoint(args.checkpoint, config_path=args.config, device=args.device, data_root=args.data,
+                        split=args.split, out=args.out)
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from engine.predict import predict_files
+
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent / "predictions"
+    results = predict_files(args.checkpoint, list(args.images), out=out, score_threshold=args.score_threshold,
+                            device=args.device)
+    print(json.dumps(results, indent=2))
+    failed = [r for r in results if r.get("error")]
+    for r in failed:
+        print(f"error: {r['error']}", file=sys.stderr)
+    return 2 if failed else 0
+
+
+def cmd_report(args) -> int:
+    from engine.report import write_report
+
+    path = write_report(args.run, runs_dir=args.runs_dir, checkpoints_dir=args.checkpoints_dir, out=args.out)
+    print(path)
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except EngineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.command != "train":
+            raise
+        # train() has logged the traceback to train.log and marked the run failed
+        print(f"error: {type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr)
+        return 1

@@ -1,0 +1,106 @@
+"""The command line: subcommands, exit codes, and the glue to synth / evaluate / predict / report."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args, cwd=ROOT, timeout=180):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "engine", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_parser_knows_every_command_and_option():
+    p = build_parser()
+    a = p.parse_args(["train", "--config", "c.yaml", "--run", "r", "--data", "d", "--device", "cpu",
+                      "--set", "train.epochs=1", "--set", "optim.lr=0.1"])
+    assert (a.config, a.run, a.data, a.device, a.overrides) == ("c.yaml", "r", "d", "cpu",
+                                                               ["train.epochs=1", "optim.lr=0.1"])
+    assert p.parse_args(["train", "--resume", "r", "--runs-dir", "x"]).resume == "r"
+    a = p.parse_args(["synth", "--out", "o", "--train", "3", "--seed", "5", "--width", "96", "--height", "64"])
+    assert (a.out, a.train, a.valid, a.seed, a.width) == ("o", 3, 100, 5, 96)
+    a = p.parse_args(["evaluate", "--checkpoint", "c.pth", "--split", "valid", "--out", "o"])
+    assert (a.checkpoint, a.split, a.out, a.device) == ("c.pth", "valid", "o", "auto")
+    a = p.parse_args(["predict", "--checkpoint", "c.pth", "a.jpg", "b.png", "--score-threshold", "0.3"])
+    assert (a.images, a.score_threshold) == (["a.jpg", "b.png"], 0.3)
+    assert p.parse_args(["report", "--run", "r", "--out", "o"]).run == "r"
+
+
+def test_usage_errors_exit_nonzero(tmp_path):
+    assert run_cli("train").returncode == 2  # needs --config or --resume
+    assert run_cli("train", "--config", "a.yaml", "--resume", "r").returncode == 2
+    r = run_cli("train", "--resume", "r", "--set", "train.epochs=3", "--runs-dir", str(tmp_path))
+    assert r.returncode == 2 and r.stderr.startswith("error: --resume takes only")
+    r = run_cli("train", "--resume", "nope", "--runs-dir", str(tmp_path))
+    assert r.returncode == 2 and r.stderr.strip() == f"error: run 'nope' not found in {tmp_path}"
+    r = run_cli("report", "--run", "nope", "--runs-dir", str(tmp_path))
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "synth"
+    r = run_cli("synth", "--out", str(out), "--train", "2", "--valid", "2", "--test", "2", "--seed", "3",
+                "--width", "128", "--height", "96")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["splits"]["test"]["images"] == 2
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(synth_root) -> Path:
+    """An untrained 320 model saved in our checkpoint format (evaluate/predict only need a real model)."""
+    from engine.checkpoint import FORMAT, save_checkpoint
+    from engine.config import config_from_dict
+    from engine.model import build_model
+
+    cfg = config_from_dict({"run": {"name": "clirun", "runs_dir": str(synth_root.parent / "runs")},
+                            "data": {"root": str(synth_root), "num_workers": 0},
+                            "model": {"name": "fasterrcnn_mobilenet_v3_large_320_fpn", "weights": "none"},
+                            "input": {"train_sizes": [96], "test_size": 96, "max_size": 128},
+                            "train": {"device": "cpu", "amp": False}})
+    path = synth_root.parent / "checkpoints" / "clirun" / "best.pth"
+    save_checkpoint(path, {"format": FORMAT, "model": build_model(cfg).state_dict(), "epoch": 1, "global_step": 1,
+                           "config": cfg.to_dict(), "run": "clirun", "best": {"epoch": 1, "map50": 0.0}})
+    return path
+
+
+def test_synth_writes_the_roboflow_layout(synth_root):
+    from engine.data import load_split
+
+    for split in ("train", "valid", "test"):
+        assert len(load_split(synth_root, split).images) == 2
+
+
+def test_evaluate_command(tiny_checkpoint, synth_root, tmp_path):
+    r = run_cli("evaluate", "--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--data", str(synth_root),
+                "--split", "test", "--out", str(tmp_path / "eval"))
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert {"map50", "map50_95", "precision", "recall", "f1", "ms_per_image"} <= set(metrics)
+
+
+def test_predict_command(tiny_checkpoint, synth_root, tmp_path):
+    images = sorted((synth_root / "test").glob("*.jpg")) or sorted((synth_root / "test").glob("*.png"))
+    r = run_cli("predict", "--checkpoint", str(tiny_checkpoint), *map(str, images), "--out", str(tmp_path / "pred"),
+                "--score-threshold", "0.0", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    results = json.loads(r.stdout)
+    assert [Path(x["image"]).name for x in results] == [p.name for p in images]
+    assert all(Path(x["annotated"]).is_file() and len(x["boxes"]) == len(x["scores"]) for x in results)
+
+    junk = tmp_path / "notes.jpg"
+    junk.write_text("not an image")
+    r = run_cli("predict", "--checkpoint", str(tiny_checkpoint), str(junk), "--out", str(tmp_path / "pred"),
+                "--device", "cpu")
+    assert r.returncode == 2 and "error: " in r.stderr and "notes.jpg" in r.stderr
+    r = run_cli("predict", "--checkpoint", str(tmp_path / "missing.pth"), str(images[0]), "--device", "cpu")
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "missing.pth" in r.stderr
