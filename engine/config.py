@@ -124,6 +124,7 @@ class EvalConfig:
     iou_threshold: float = 0.5
     batch_size: int = 4
     probe_images: int = 8  # validation images predicted every epoch for the dashboard's slider
+    test_after_train: bool = True  # evaluate best.pth on the test split when training completes
 
 
 @dataclass

@@ -236,6 +236,42 @@ def plot_training_curve(epochs: list[dict], steps: list[dict], path: Path) -> Op
     return path
 
 
+def plot_test_curves(test_dir: Path, test: dict, path: Path) -> Optional[Path]:
+    """PR curve and P/R/F1 against confidence (deployment and max-F1 thresholds marked) as one PNG."""
+    pr = runs.read_json(test_dir / "pr_curve.json")
+    prf = runs.read_json(test_dir / "prf_vs_confidence.json")
+    if not isinstance(pr, dict) or not isinstance(prf, dict):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
+    ax1.plot(pr.get("recall", []), pr.get("precision", []), lw=0.8, alpha=0.5, label="raw")
+    ax1.plot(pr.get("recall", []), pr.get("precision_envelope", pr.get("precision", [])), lw=1.8,
+             label=f"envelope (AP {pr.get('ap', 0):.3f})")
+    ax1.set(title="Precision-recall (IoU 0.5)", xlabel="recall", ylabel="precision", xlim=(0, 1.02), ylim=(0, 1.02))
+    ax1.legend(fontsize=8)
+    thr = prf.get("threshold", [])
+    for key in ("precision", "recall", "f1"):
+        ax2.plot(thr, prf.get(key, []), label=key)
+    if test.get("score_threshold") is not None:
+        ax2.axvline(test["score_threshold"], color="grey", ls="--", lw=1, label=f"deployment {test['score_threshold']:.2f}")
+    bf = test.get("best_f1") or {}
+    if bf.get("threshold") is not None:
+        ax2.axvline(bf["threshold"], color="C3", ls=":", lw=1, label=f"max F1 {bf['threshold']:.2f}")
+    ax2.set(title="Against confidence", xlabel="score threshold", xlim=(0, 1), ylim=(0, 1.02))
+    ax2.legend(fontsize=8)
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 # ----------------------------------------------------------------------------- markdown
 def _table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
@@ -262,6 +298,8 @@ def render(info: dict, img_dir_name: str = "img", images: Optional[dict] = None)
     state = info["state"]
     started, ended = status.get("started_at"), status.get("ended_at") or status.get("updated_at")
     duration_h = (float(ended) - float(started)) / 3600 if started and ended else None
+    if status.get("elapsed_s"):  # training time summed over resumes
+        duration_h = float(status["elapsed_s"]) / 3600
     out: list[str] = []
     w = out.append
 
@@ -381,6 +419,7 @@ def render(info: dict, img_dir_name: str = "img", images: Optional[dict] = None)
     if test:
         speed = test.get("speed") or {}
         w(_table(["Metric", "Value"], [
+            ["**Checkpoint**", f"`{test.get('checkpoint', '—')}` (epoch {test.get('checkpoint_epoch', '—')}), split `{split}`"],
             ["**Test mAP@0.5**", _fmt(test.get("map50"))],
             ["**Test mAP@0.5:0.95**", _fmt(test.get("map50_95"))],
             ["**Test Precision**", f"{_fmt(test.get('precision'))} (at score ≥ {test.get('score_threshold')})"],
@@ -412,7 +451,7 @@ def render(info: dict, img_dir_name: str = "img", images: Optional[dict] = None)
         if not items:
             w("None selected (no test evaluation yet)." if not samples else "None in this split.")
         for item in items:
-            name = images.get(f"sample:{item.get('image_file') or item.get('drawn') or ''}")
+            name = images.get(f"sample:{item.get('file') or ''}")
             desc = [f"**{item.get('file_name', item.get('image_id'))}**",
                     f"ground truth {item.get('gt_count', '—')} plate(s)",
                     f"predicted {item.get('pred_count', '—')}"]
@@ -433,7 +472,7 @@ def render(info: dict, img_dir_name: str = "img", images: Optional[dict] = None)
 
     # checkpoints
     w("## 💾 Model Checkpoints\n")
-    ck = info["checkpoints"]
+    ck = info["checkpoints"]  # sizes measured now from the files
     cdir = info["checkpoint_dir"].as_posix()
     w(_table(["File", "Size", "Description"], [
         [f"`{cdir}/best.pth`", f"{ck['best.pth']:.1f} MB" if ck["best.pth"] else "missing",
@@ -532,13 +571,10 @@ def write_report(run: str, runs_dir: str = "runs", checkpoints_dir: str = "check
     images: dict[str, str] = {}
     if plot_training_curve(info["epochs"], info["steps"], img_dir / "training_curve.png"):
         images["curve"] = "training_curve.png"
-    for name in ("pr_curve.png",):
-        src = info["test_dir"] / name
-        if src.is_file():
-            shutil.copy2(src, img_dir / name)
-            images["pr"] = name
+    if plot_test_curves(info["test_dir"], info["test"] or {}, img_dir / "test_curves.png"):
+        images["pr"] = "test_curves.png"
     for item in (info["samples"] or {}).get("good", []) + (info["samples"] or {}).get("challenging", []):
-        rel = item.get("image_file") or item.get("drawn")
+        rel = item.get("file")
         if not rel:
             continue
         src = info["test_dir"] / rel

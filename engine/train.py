@@ -651,14 +651,37 @@ class Trainer:
                            message=f"stopped at {where}; resume with --resume {self.name}")
         return self._result("stopped")
 
+    def _evaluate_test_split(self) -> None:
+        """Evaluate best.pth on the test split into runs/<run>/test/ (a failure only warns)."""
+        best = self.ckpt_dir / runs.BEST_CKPT
+        root = Path(self.cfg.data.root)
+        if not self.cfg.eval.test_after_train or not is_main_process():
+            return
+        if not best.is_file() or not (root / self.cfg.data.test_split).is_dir():
+            log.warning("test evaluation skipped: %s", "no best.pth" if not best.is_file() else
+                        f"{root} has no '{self.cfg.data.test_split}' split")
+            return
+        self.status.update(message=f"evaluating best.pth on the {self.cfg.data.test_split} split")
+        try:
+            from engine.evaluate import evaluate_checkpoint
+
+            result = evaluate_checkpoint(best, config_path=self.run_dir / runs.CONFIG_FILE, device=str(self.device),
+                                         split=self.cfg.data.test_split, out=self.run_dir / runs.TEST_DIR)
+            log.info("Test %s: mAP@0.5 %s | precision %s | recall %s | %.1f ms/image", self.cfg.data.test_split,
+                     _fmt(result.get("map50")), _fmt(result.get("precision")), _fmt(result.get("recall")),
+                     result.get("ms_per_image") or 0.0)
+        except Exception as exc:  # the run itself is done; keep it completed
+            log.warning("test evaluation failed: %s: %s", type(exc).__name__, exc)
+
     def _completed(self, epoch: int, early_stopped: bool) -> dict:
         total = self.elapsed_before + self._elapsed()
         log.info(RULE)
         log.info("Training complete! Total time: %.1fs", total)
         log.info("Best mAP@0.5: %s (epoch %s)", _fmt(self.best.get("map50")), self.best.get("epoch"))
         log.info(RULE)
+        self._evaluate_test_split()
         how = f"early stopped at epoch {epoch}" if early_stopped else f"completed {epoch} epochs"
-        self.status.update(state="completed", ended_at=time.time(), eta_s=0, epoch=epoch,
+        self.status.update(state="completed", ended_at=time.time(), eta_s=0, epoch=epoch, elapsed_s=total,
                            message=f"{how}; best mAP@0.5 {_fmt(self.best.get('map50'))} at epoch {self.best.get('epoch')}")
         return self._result("completed")
 
@@ -679,6 +702,12 @@ def _fmt(value: Any) -> str:
 def _tqdm_kwargs() -> dict:
     interactive = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
     return {"dynamic_ncols": True, "mininterval": 0.1 if interactive else 2.0}
+
+
+def environment() -> dict:
+    """Versions and platform recorded in status.json (the results report's environment table)."""
+    return {"torch_version": torch.__version__, "cuda_version": torch.version.cuda if torch.cuda.is_available() else None,
+            "python_version": platform.python_version(), "platform": platform.platform(terse=True)}
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -713,8 +742,12 @@ def train(cfg: Config, run_name: Optional[str] = None, resume: bool = False, *,
     stop.install()
     writer = runs.StatusWriter if is_main_process() else _NullStatus
     status = writer(run_dir, run=name, pid=os.getpid(), pgid=os.getpgid(0), host=runs.hostname(),
-                    started_at=time.time(), ended_at=None, error=None,
-                    checkpoint_dir=str(ckpt_dir), epochs=cfg.train.epochs)
+                    ended_at=None, error=None, checkpoint_dir=str(ckpt_dir), epochs=cfg.train.epochs,
+                    **environment())
+    if resume:
+        status.status["resumed_at"] = time.time()
+    if not resume or not status.status.get("started_at"):
+        status.status["started_at"] = time.time()
     status.update(state="running", message="resuming" if resume else "starting")
     log.info("%s run %s (pid %d) -> %s", "Resuming" if resume else "Starting", name, os.getpid(), run_dir)
     trainer: Optional[Trainer] = None

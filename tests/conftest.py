@@ -26,3 +26,49 @@ def plates_real() -> Path:
     if not (PLATES_REAL / "train" / "_annotations.coco.json").exists():
         pytest.fail(f"real dataset not found at {PLATES_REAL} (set PLATES_REAL)")
     return PLATES_REAL
+
+
+def make_real_subset(plates_real: Path, out: Path, counts=(("train", 8), ("valid", 4), ("test", 4))) -> Path:
+    """A small Roboflow export made of the first N real photos of each split (quirks kept)."""
+    import json
+    import shutil
+
+    for split, n in counts:
+        src = plates_real / split
+        coco = json.loads((src / "_annotations.coco.json").read_text())
+        images = coco["images"][:n]
+        keep = {im["id"] for im in images}
+        coco["images"] = images
+        coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] in keep]
+        (out / split).mkdir(parents=True, exist_ok=True)
+        for im in images:
+            shutil.copy2(src / im["file_name"], out / split / im["file_name"])
+        (out / split / "_annotations.coco.json").write_text(json.dumps(coco))
+    return out
+
+
+TINY_RUN_SETTINGS = [
+    "model.name=fasterrcnn_mobilenet_v3_large_320_fpn", "model.weights=none",
+    "input.train_sizes=[160]", "input.test_size=160", "input.max_size=224",
+    "train.epochs=2", "train.batch_size=4", "train.device=cpu", "train.amp=false",
+    "data.num_workers=0", "schedule.warmup_epochs=1", "optim.lr=0.01", "eval.probe_images=2",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_real_run(plates_real, tmp_path_factory):
+    """A real 2-epoch run of the 320 model on 8/4/4 real photos, test split evaluated.
+
+    Returns (runs_dir, checkpoints_dir, run_name). Shared by tests that read a finished run.
+    """
+    from engine.config import load_config
+    from engine.train import train
+
+    base = tmp_path_factory.mktemp("tiny-run")
+    data = make_real_subset(plates_real, base / "data")
+    cfg = load_config(ROOT / "configs" / "demo_cpu.yaml", TINY_RUN_SETTINGS + [
+        f"data.root={data}", f"run.runs_dir={base / 'runs'}", f"run.checkpoints_dir={base / 'checkpoints'}",
+        "run.author=Test Author"])
+    result = train(cfg, "tiny-real")
+    assert result["state"] == "completed", result
+    return base / "runs", base / "checkpoints", "tiny-real"
