@@ -72,6 +72,7 @@ class ModelConfig:
     weights: str = "coco"  # coco | none | path to a checkpoint (.pth) to fine-tune from
     trainable_backbone_layers: Optional[int] = None  # None = torchvision's default
     num_classes: int = 2  # 1 plate class + background
+    box_batch_size_per_image: int = 512  # RoIs sampled per image for the box head (torchvision default 512)
 
 
 @dataclass
@@ -163,6 +164,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "model.weights": (lambda v: bool(v), "coco, none or a checkpoint path"),
     "model.trainable_backbone_layers": (lambda v: v is None or 0 <= v <= 6, "between 0 and 6"),
     "model.num_classes": (lambda v: v == 2, "2 (one plate class + background)"),
+    "model.box_batch_size_per_image": (lambda v: 16 <= v <= 4096, "between 16 and 4096"),
     "input.train_sizes": (lambda v: len(v) > 0 and all(isinstance(x, int) and 32 <= x <= 4096 for x in v),
                           "a non-empty list of ints between 32 and 4096"),
     "input.test_size": (lambda v: 32 <= v <= 4096, "between 32 and 4096"),

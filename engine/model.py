@@ -92,7 +92,8 @@ def count_parameters(model: nn.Module) -> int:
 
 def _builder_kwargs(cfg: Config) -> dict:
     return {"min_size": tuple(cfg.input.train_sizes), "max_size": cfg.input.max_size,
-            "box_score_thresh": SCORE_FLOOR, "box_detections_per_img": DETECTIONS_PER_IMAGE}
+            "box_score_thresh": SCORE_FLOOR, "box_detections_per_img": DETECTIONS_PER_IMAGE,
+            "box_batch_size_per_image": cfg.model.box_batch_size_per_image}
 
 
 def _finish(model: nn.Module, cfg: Config) -> nn.Module:
