@@ -34,6 +34,7 @@ STATE_LINE = {
     "crashed": "❌ Crashed (process gone)",
     "stalled": "⚠️ Stalled (no heartbeat)",
 }
+PROGRESS_BAR = re.compile(r"\d+%\|")  # tqdm lines
 LOG_EXCERPT_PATTERNS = (
     re.compile(r"^=+$"),
     re.compile(r"Starting Training|Device:|LR:|Warmup:|Early Stopping Patience|Epochs:", re.I),
@@ -176,7 +177,7 @@ def log_excerpt(log_path: Path, max_lines: int = 40) -> list[str]:
     picked = []
     for line in text.splitlines():
         clean = line.strip()
-        if not clean or "it/s]" in clean or "s/it]" in clean:
+        if not clean or PROGRESS_BAR.search(clean):
             continue
         if any(p.search(clean) for p in LOG_EXCERPT_PATTERNS):
             picked.append(clean)
