@@ -7,6 +7,7 @@ second start with the same name fail, even when two clicks arrive at once.
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -21,6 +22,7 @@ from engine.config import load_config, validate_run_name
 from engine.errors import EngineError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+log = logging.getLogger(__name__)
 EVALUATE_LOG = "evaluate.log"
 EVALUATE_PID = "evaluate.pid"
 _RESUME_LOCK = ".resume.lock"
@@ -177,6 +179,7 @@ def stop_run(run_name: str, runs_dir: PathLike = "runs") -> int:
     if not pid:
         raise LaunchError(f"run {run_name!r}: process {status.get('pid')} is gone (crashed)")
     pgid = status.get("pgid") or pid
+    log.info("stop_run: SIGTERM to run %s (pid %s, process group %s)", run_name, pid, pgid)
     try:
         if pgid == os.getpgid(pid):
             os.killpg(pgid, signal.SIGTERM)

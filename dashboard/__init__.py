@@ -1,0 +1,1 @@
+"""Streamlit dashboard: pages in dashboard/views/, logic in plain helper modules here."""

@@ -1,0 +1,98 @@
+"""Predict: a run's checkpoint on uploaded photos or a camera shot; the slider re-filters boxes."""
+from __future__ import annotations
+
+import streamlit as st
+
+from dashboard import predict_view as pv, settings, ui
+from engine.errors import EngineError
+
+runs_dir = settings.runs_dir()
+checkpoints_dir = settings.checkpoints_dir()
+PREDICTIONS = "_predictions"  # (checkpoint, mtime, file hash) -> prediction dict
+
+st.title("Predict")
+
+
+@st.cache_resource(show_spinner="Loading the model ...", max_entries=2)
+def _predictor(path: str, mtime: float):
+    """One model per checkpoint file version (path + mtime)."""
+    from engine.predict import Predictor
+
+    return Predictor(path, device="cpu")
+
+
+names = pv.runs_with_checkpoints(runs_dir, checkpoints_dir)
+if not names:
+    st.info(f"No checkpoints yet in `{checkpoints_dir}`: train a run first (Runs page).")
+    st.stop()
+
+c1, c2, c3 = st.columns([2, 1, 2], vertical_alignment="bottom")
+with c1:
+    run = ui.run_picker(names, key="predict_run")
+ckpts = pv.available_checkpoints(checkpoints_dir, run)
+with c2:
+    which = st.radio("Checkpoint", list(ckpts), horizontal=True, key="predict_which")
+with c3:
+    threshold = st.slider("Confidence threshold", 0.05, 1.0, 0.5, 0.01, key="predict_threshold",
+                          help="re-filters the boxes without running the model again")
+ckpt_path, mtime = pv.checkpoint_key(ckpts[which])
+try:
+    predictor = _predictor(ckpt_path, mtime)
+except ImportError as exc:
+    st.error(f"Prediction is not available here: {exc}")
+    st.stop()
+except EngineError as exc:
+    st.error(str(exc))
+    st.stop()
+st.caption(f"Model: `{ckpt_path}`")
+
+uploads = st.file_uploader("Photos (jpg, png, webp)", type=list(pv.UPLOAD_TYPES), accept_multiple_files=True,
+                           key="predict_upload")
+files = list(uploads or [])
+if st.toggle("Use the camera", key="predict_camera_on"):
+    shot = st.camera_input("Take a photo", key="predict_camera")
+    if shot is not None:
+        files.append(shot)
+
+
+def _predict(name: str, data: bytes):
+    """(image, prediction) with the prediction cached per checkpoint + file content."""
+    from engine.predict import load_image
+
+    image = load_image(data)
+    cache = st.session_state.setdefault(PREDICTIONS, {})
+    key = (ckpt_path, mtime, pv.file_hash(data))
+    if key not in cache:
+        cache[key] = predictor.predict(image)
+    return image, cache[key]
+
+
+def _show(name: str, data: bytes) -> None:
+    from engine.predict import draw_boxes
+
+    try:
+        image, pred = _predict(name, data)
+    except EngineError as exc:
+        st.error(f"{name}: {exc}")
+        return
+    shown = pv.filter_prediction(pred, threshold)
+    annotated = draw_boxes(image, shown["boxes"], shown["scores"], threshold)
+    with st.container(border=True):
+        left, right = st.columns([3, 1])
+        left.image(annotated, caption=f"{name} · {len(shown['boxes'])} plate(s) ≥ {threshold:.2f}", width="stretch")
+        with right:
+            st.metric("plates", len(shown["boxes"]))
+            st.metric("inference", f"{pred.get('ms', 0):.0f} ms")
+            st.caption(f"{pred.get('width')}×{pred.get('height')} px")
+            if shown["scores"]:
+                st.caption("scores: " + ", ".join(f"{s:.2f}" for s in shown["scores"][:10]))
+            st.download_button("Annotated PNG", pv.png_bytes(annotated), pv.download_name(name, "_pred.png"), icon=":material/download:",
+                               mime="image/png", on_click="ignore", key=f"dl_png_{name}_{pv.file_hash(data)[:8]}")
+            st.download_button("Boxes JSON", pv.boxes_json(name, shown, ckpt_path), pv.download_name(name, "_boxes.json"), icon=":material/download:",
+                               mime="application/json", on_click="ignore", key=f"dl_json_{name}_{pv.file_hash(data)[:8]}")
+
+
+if not files:
+    st.caption("Upload one or more photos to see the detector's boxes.")
+for f in files:
+    ui.safe(_show, getattr(f, "name", "camera.jpg"), f.getvalue())
