@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
 
 from engine import runs
+from engine.report import load_baselines  # noqa: F401  (re-exported for the Results page)
 
 from dashboard.settings import TARGETS
 
@@ -209,16 +209,6 @@ def probe_images(run_dir: Path, epoch: int) -> list[tuple[Path, str]]:
 
 
 # ----------------------------------------------------------------------------- baselines, checkpoints
-def load_baselines(path: Path) -> list[dict]:
-    """Rows of configs/baselines.yaml (a list, or a mapping with a `baselines` list)."""
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError):
-        return []
-    rows = data.get("baselines", data) if isinstance(data, dict) else data
-    return [r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else []
-
-
 def params_text(value: Any) -> str:
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 1000:
         return f"{value / 1e6:.1f}M"

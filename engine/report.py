@@ -187,7 +187,12 @@ def log_excerpt(log_path: Path, max_lines: int = 40) -> list[str]:
     return picked
 
 
-def load_baselines(path: Path = Path("configs/baselines.yaml")) -> list[dict]:
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_baselines(path: Optional[Path] = None) -> list[dict]:
+    """Rows of configs/baselines.yaml (a list, or a mapping with a `baselines` list); [] if unreadable."""
+    path = Path(path) if path else PROJECT_ROOT / "configs" / "baselines.yaml"
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError):
