@@ -5,6 +5,8 @@ import datetime as dt
 import math
 from typing import Any, Optional
 
+from engine.report import format_number
+
 STATE_COLORS = {  # Streamlit badge colours
     "queued": "blue", "running": "blue", "completed": "green", "stopped": "gray", "failed": "red",
     "crashed": "red", "stalled": "orange", "unknown": "gray",
@@ -36,17 +38,7 @@ def timestamp(ts: Optional[float]) -> str:
 
 
 def number(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        return f"{value:.{digits}f}"
-    return str(value)
+    return format_number(value, digits)
 
 
 def state_badge(state: str) -> str:

@@ -51,7 +51,8 @@ class ReportError(EngineError):
 
 
 # ----------------------------------------------------------------------------- gathering
-def _fmt(value: Any, digits: int = 4) -> str:
+def format_number(value: Any, digits: int = 4) -> str:
+    """A metric for a table: '—' for missing, thousands separators for ints, fixed digits for floats."""
     if value is None:
         return "—"
     if isinstance(value, bool):
@@ -63,6 +64,9 @@ def _fmt(value: Any, digits: int = 4) -> str:
             return "nan"
         return f"{value:.{digits}f}"
     return str(value)
+
+
+_fmt = format_number
 
 
 def _lr(value: Optional[float]) -> str:
