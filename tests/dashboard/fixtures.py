@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 from engine import runs
 from engine.config import Config
 
-PLATES_REAL = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "plates-real"
+from tests.conftest import PLATES_REAL  # noqa: E402  (one place finds the real dataset)
 
 
 def dead_pid() -> int:

@@ -188,5 +188,8 @@ def test_a_run_survives_a_dashboard_restart_and_stops_from_the_button(dash, serv
     dash.get_by_text(f"Stop requested for {LONG}").first.wait_for(timeout=30_000)
     assert wait_for_state(dash, LONG, ("stopped",), 180) == "stopped"
     assert (e2e_dirs["checkpoints"] / LONG / "last.pth").is_file()
+    deadline = time.time() + 60  # `stopped` is written just before the process exits
+    while runs.pid_alive(pid) and time.time() < deadline:
+        time.sleep(0.5)
     assert not runs.pid_alive(pid)
     no_exception(dash)
