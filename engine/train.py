@@ -219,7 +219,13 @@ def seed_everything(seed: int) -> None:
 
 
 def seed_worker(worker_id: int) -> None:
-    """DataLoader worker_init_fn: numpy / random follow the worker's torch seed."""
+    """DataLoader worker_init_fn: numpy / random follow the worker's torch seed.
+
+    Workers share the trainer's process group, so the dashboard's SIGTERM (and a terminal's
+    Ctrl-C) reach them too. They ignore it: the main process finishes its step, saves last.pth and
+    shuts the workers down itself (a worker killed first would make the run fail instead)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)

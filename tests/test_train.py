@@ -266,8 +266,11 @@ def test_non_finite_loss_fails_naming_the_step(work):
 
 
 def test_sigterm_stops_with_last_checkpoint(work):
-    """Launched like the dashboard does: queued status first, stdout+stderr into train.log, own session."""
-    (work / "sig.yaml").write_text(yaml.safe_dump(tiny_dict(work / "data", work, train={"epochs": 30})))
+    """Launched like the dashboard does: queued status first, stdout+stderr into train.log, own session.
+
+    With a DataLoader worker, as in the CPU demo: the SIGTERM to the process group reaches it too."""
+    cfg = tiny_dict(work / "data", work, train={"epochs": 30, "deterministic": False}, data={"num_workers": 1})
+    (work / "sig.yaml").write_text(yaml.safe_dump(cfg))
     run_dir = work / "runs" / "sig"
     run_dir.mkdir(parents=True)
     runs.StatusWriter(run_dir, run="sig").update(state="queued", message="queued")
