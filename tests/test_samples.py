@@ -7,16 +7,11 @@ import torch
 from PIL import Image
 
 from engine import metrics, samples
+from tests.test_metrics import _gt as gt_record, _pred
 
 
 def _gt(image_id, boxes, width=200, height=100):
-    return {"image_id": image_id, "boxes": np.array(boxes, dtype=np.float32).reshape(-1, 4),
-            "width": width, "height": height}
-
-
-def _pred(image_id, boxes, scores):
-    return {"image_id": image_id, "boxes": np.array(boxes, dtype=np.float32).reshape(-1, 4),
-            "scores": np.array(scores, dtype=np.float32)}
+    return gt_record(image_id, boxes, width, height)
 
 
 @pytest.fixture
