@@ -8,7 +8,8 @@ status.json   {"state", "run", "pid", "pgid", "host", "device", "device_name", "
                "global_step", "total_steps", "best": {"epoch", "map50"}, "images_per_s",
                "eta_s", "message", "error", "checkpoint_dir"}     times are unix seconds
 metrics.jsonl {"type": "step", "step", "epoch", "time", "loss", "loss_classifier", "loss_box_reg",
-               "loss_objectness", "loss_rpn_box_reg", "lr", "grad_norm", "images_per_s"}
+               "loss_objectness", "loss_rpn_box_reg", "lr", "grad_norm", "images_per_s",
+               "data_time_s", "amp_scale", "gpu_mem_peak_mb"}   (the last two null off CUDA/AMP)
               {"type": "epoch", "epoch", "step", "time", "train_loss", "val_map50", "val_map50_95",
                "val_precision", "val_recall", "val_f1", "lr", "epoch_time_s", "is_best"}
               `step` is the global iteration (1-based, the number of optimizer steps done);

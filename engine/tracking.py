@@ -22,7 +22,7 @@ from engine.runs import METRICS_FILE, append_jsonl
 log = logging.getLogger(__name__)
 
 STEP_KEYS = ("loss", "loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg",
-             "lr", "grad_norm", "images_per_s")
+             "lr", "grad_norm", "images_per_s", "data_time_s", "amp_scale", "gpu_mem_peak_mb")
 EPOCH_KEYS = ("train_loss", "val_map50", "val_map50_95", "val_precision", "val_recall", "val_f1",
               "lr", "epoch_time_s", "is_best")
 
@@ -36,6 +36,9 @@ STEP_TAGS = {
     "lr": "train/lr",
     "grad_norm": "train/grad_norm",
     "images_per_s": "train/images_per_s",
+    "data_time_s": "train/data_time_s",
+    "amp_scale": "train/amp_scale",
+    "gpu_mem_peak_mb": "train/gpu_mem_peak_mb",
 }
 EPOCH_TAGS = {
     "train_loss": "train/epoch_loss",

@@ -309,6 +309,13 @@ def _targets_to(targets, device) -> list[dict]:
              "labels": t["labels"].to(device, non_blocking=True)} for t in targets]
 
 
+def _gpu_mem_peak_mb(device: torch.device) -> Optional[float]:
+    """Peak CUDA memory allocated by this process so far (MiB); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -545,6 +552,7 @@ class Trainer:
                    unit="batch", leave=False, file=sys.stderr, disable=not is_main_process(), **_tqdm_kwargs())
         t_prev = time.time()
         for images, targets in bar:
+            data_time = time.time() - t_prev  # waiting for the DataLoader (0 when it keeps up)
             images = [img.to(self.device, non_blocking=True) for img in images]
             targets = _targets_to(targets, self.device)
             lr = self.scheduler.get_lr()
@@ -561,6 +569,7 @@ class Trainer:
                 self.scaler.unscale_(self.optimizer)  # clip (and log) the true gradient norm
             max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+            amp_scale = float(self.scaler.get_scale()) if self.use_amp else None  # the scale this step used
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
@@ -577,7 +586,8 @@ class Trainer:
             self.images_per_s = rate if self.images_per_s is None else 0.9 * self.images_per_s + 0.1 * rate
             if self.global_step % tc.log_every == 0:
                 self.recorder.record_step(self.global_step, epoch, loss=loss_value, lr=lr, grad_norm=grad_norm,
-                                          images_per_s=rate,
+                                          images_per_s=rate, data_time_s=data_time, amp_scale=amp_scale,
+                                          gpu_mem_peak_mb=_gpu_mem_peak_mb(self.device),
                                           **{k: float(v.detach()) for k, v in loss_dict.items()})
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
             self._beat(epoch=epoch, step=progress["batches_done"])

@@ -25,11 +25,12 @@ from engine.train import RunError, load_run_config, make_train_sampler, train
 
 ROOT = Path(__file__).resolve().parents[1]
 STEP_KEYS = {"type", "step", "epoch", "time", "loss", "loss_classifier", "loss_box_reg", "loss_objectness",
-             "loss_rpn_box_reg", "lr", "grad_norm", "images_per_s"}
+             "loss_rpn_box_reg", "lr", "grad_norm", "images_per_s", "data_time_s", "amp_scale",
+             "gpu_mem_peak_mb"}
 EPOCH_KEYS = {"type", "epoch", "step", "time", "train_loss", "val_map50", "val_map50_95", "val_precision",
               "val_recall", "val_f1", "lr", "epoch_time_s", "is_best"}
 TAGS = {"train/loss", "train/loss_classifier", "train/loss_box_reg", "train/loss_objectness",
-        "train/loss_rpn_box_reg", "train/lr", "train/grad_norm", "train/images_per_s", "train/epoch_loss",
+        "train/loss_rpn_box_reg", "train/lr", "train/grad_norm", "train/images_per_s", "train/data_time_s", "train/epoch_loss",
         "val/mAP50", "val/mAP50_95", "val/precision", "val/recall", "val/f1"}
 
 
