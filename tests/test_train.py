@@ -17,11 +17,12 @@ import torch
 import yaml
 
 from engine import runs
+from engine.build import make_train_sampler
 from engine.checkpoint import FORMAT, load_checkpoint
 from engine.config import config_from_dict, load_config
 from engine.errors import EngineError
 from engine.tracking import JsonlWriter, MetricsRecorder, TensorBoardWriter
-from engine.train import RunError, load_run_config, make_train_sampler, train
+from engine.train import RunError, load_run_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
 STEP_KEYS = {"type", "step", "epoch", "time", "loss", "loss_classifier", "loss_box_reg", "loss_objectness",
@@ -332,7 +333,7 @@ def test_recorder_writes_jsonl_and_tensorboard_with_purge(tmp_path):
 
 def test_missing_data_root_is_generated_or_refused(tmp_path):
     from engine.data import load_split
-    from engine.train import prepare_data_root
+    from engine.build import prepare_data_root
 
     cfg = config_from_dict({"data": {"root": str(tmp_path / "synth"), "generate_if_missing": True,
                                      "synth": {"train": 2, "valid": 1, "test": 1, "width": 96, "height": 64}}})
