@@ -153,6 +153,33 @@ def _print_table(result: dict, out: Path) -> None:
     print(f"Results written to {out}")
 
 
+def _predict_timed(model: torch.nn.Module, dataset: PlateDataset, dev: torch.device, amp: bool, progress: bool,
+                   desc: str, on_image: Optional[Callable[[], None]]) -> tuple:
+    """Predict every image at batch 1 after WARMUP_RUNS untimed runs; returns (gts, preds, image
+    brightness stats, preprocess ms, model ms, postprocess ms) per image."""
+    first, _ = dataset[0]
+    for _ in range(WARMUP_RUNS):
+        infer(model, first.to(dev), dev, amp)
+    gts, preds, image_stats, pre_ms, model_ms, post_ms = [], [], {}, [], [], []
+    for index in tqdm(range(len(dataset)), desc=desc, unit="img", disable=not progress):
+        if on_image is not None:
+            on_image()
+        start = time.perf_counter()
+        image, _ = dataset[index]
+        on_device = image.to(dev)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        pre_ms.append((time.perf_counter() - start) * 1000)
+        boxes, scores, ms_model, ms_post = infer(model, on_device, dev, amp)
+        model_ms.append(ms_model)
+        post_ms.append(ms_post)
+        record = dataset.records[index]
+        gts.append({"image_id": record.id, "boxes": record.boxes, "width": record.width, "height": record.height})
+        preds.append({"image_id": record.id, "boxes": boxes, "scores": scores})
+        image_stats[record.id] = luminance_stats(image)
+    return gts, preds, image_stats, pre_ms, model_ms, post_ms
+
+
 def evaluate_checkpoint(checkpoint: Union[str, Path], config_path: Optional[Union[str, Path]] = None,
                         device: str = "auto", data_root: Optional[Union[str, Path]] = None, split: str = "test",
                         out: Optional[Union[str, Path]] = None, progress: bool = True, verbose: bool = True,
@@ -187,29 +214,9 @@ def evaluate_checkpoint(checkpoint: Union[str, Path], config_path: Optional[Unio
     thr, iou = cfg.eval.score_threshold, cfg.eval.iou_threshold
 
     dataset = PlateDataset(coco_split, train=False)
-    first, _ = dataset[0]
-    for _ in range(WARMUP_RUNS):
-        infer(model, first.to(dev), dev, amp)
-
-    gts, preds, image_stats, pre_ms, model_ms, post_ms = [], [], {}, [], [], []
     records = dataset.records
-    for index in tqdm(range(len(dataset)), desc=f"evaluate {split}", unit="img", disable=not progress):
-        if on_image is not None:
-            on_image()
-        start = time.perf_counter()
-        image, _ = dataset[index]
-        on_device = image.to(dev)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        pre_ms.append((time.perf_counter() - start) * 1000)
-        boxes, scores, ms_model, ms_post = infer(model, on_device, dev, amp)
-        model_ms.append(ms_model)
-        post_ms.append(ms_post)
-        record = records[index]
-        gts.append({"image_id": record.id, "boxes": record.boxes, "width": record.width, "height": record.height})
-        preds.append({"image_id": record.id, "boxes": boxes, "scores": scores})
-        image_stats[record.id] = luminance_stats(image)
-
+    gts, preds, image_stats, pre_ms, model_ms, post_ms = _predict_timed(model, dataset, dev, amp, progress,
+                                                                         f"evaluate {split}", on_image)
     matches = metrics.match_detections(gts, preds, iou)
     at_thr = metrics.prf_at_threshold(gts, preds, thr, iou, matches=matches)
     best = metrics.best_f1(gts, preds, iou, matches=matches)

@@ -1,7 +1,7 @@
 """The run folder contract (see docs/engine.md): names, atomic writes, tolerant readers.
 
-Every file and folder name of a run is defined here and nowhere else, and this module holds the
-only functions that write status.json (StatusWriter for the trainer; write_queued,
+Every file and folder name of a run is defined here (other modules import the names), and this
+module holds the only functions that write status.json (StatusWriter for the trainer; write_queued,
 set_pid_if_queued and write_ended for launchers and refused starts). Writers (the trainer,
 evaluate, probes, the report) and readers (the dashboard) use these names.
 
@@ -15,7 +15,10 @@ evaluate, probes, the report) and readers (the dashboard) use these names.
 status.json   {"state", "run", "pid", "pgid", "host", "device", "device_name", "started_at",
                "updated_at", "ended_at", "epoch", "epochs", "step", "steps_per_epoch",
                "global_step", "total_steps", "best": {"epoch", "map50"}, "images_per_s",
-               "eta_s", "message", "error", "checkpoint_dir"}     times are unix seconds
+               "eta_s", "message", "error", "checkpoint_dir", "resumed_at", "completed_at",
+               "elapsed_s", "command", "torch_version", "cuda_version", "python_version",
+               "platform"}     times are unix seconds; `completed_at` is set once, when the run
+               completes, and stays when a launcher marks the run queued again
 metrics.jsonl {"type": "step", "step", "epoch", "time", "loss", "loss_classifier", "loss_box_reg",
                "loss_objectness", "loss_rpn_box_reg", "lr", "grad_norm", "images_per_s",
                "data_time_s", "amp_scale", "gpu_mem_peak_mb"}   (the last two null off CUDA/AMP)
