@@ -1,5 +1,6 @@
 """One training epoch and one validation pass, as free functions with explicit arguments.
 
+    train_step(model, optimizer, scheduler, scaler, images, targets, ...)      one optimizer step
     train_one_epoch(model, optimizer, scheduler, scaler, loader, device, progress, ...)
     validate_one_epoch(model, loader, device, eval_cfg, amp, state, epoch)
 
@@ -75,16 +76,43 @@ def tqdm_kwargs() -> dict:
     return {"dynamic_ncols": True, "mininterval": 0.1 if interactive else 2.0}
 
 
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler,
+               images: list, targets: list, *, amp: Amp, device: torch.device, params: list, max_norm: float,
+               where: str) -> dict:
+    """One optimizer step on one batch (already on `device`).
+
+    Forward under autocast, loss check (NonFiniteLossError naming `where`, before any weight
+    changes), backward through the GradScaler, unscale and clip the gradient to `max_norm`,
+    optimizer, scaler and LR steps. Returns the step record's scalars: loss and its parts, the LR
+    this step used, the gradient norm before clipping, the scale (None without a GradScaler).
+    """
+    lr = scheduler.get_lr()
+    with amp.autocast(device):
+        loss_dict = model(images, targets)
+        loss = sum(loss_dict.values())
+    loss_value = float(loss.detach())
+    if not math.isfinite(loss_value):
+        raise NonFiniteLossError(f"loss is {loss_value} at {where}; try a lower optim.lr")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if scaler.is_enabled():
+        scaler.unscale_(optimizer)  # clip (and log) the true gradient norm
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    amp_scale = float(scaler.get_scale()) if scaler.is_enabled() else None  # the scale this step used
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    return {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "amp_scale": amp_scale,
+            **{k: float(v.detach()) for k, v in loss_dict.items()}}
+
+
 def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler,
                     loader, device: torch.device, progress: EpochProgress, *, amp: Amp, grad_clip: float,
                     log_every: int, recorder, state: RunState, epochs: int, steps_per_epoch: int) -> EpochProgress:
-    """Train over `loader` (the batches of `progress.epoch` not done yet), one optimizer step per batch.
-
-    Each step: forward under autocast, loss check, backward (scaled), gradient clipping at
-    `grad_clip` (0: none; the norm is logged either way), optimizer and LR steps; every
-    `log_every` global steps a step record. Raises NonFiniteLossError naming the step, and
-    StopRequested after the step during which a stop was asked for.
-    """
+    """Train over `loader` (the batches of `progress.epoch` not done yet): one train_step per batch,
+    `progress` updated after each, a step record every `log_every` global steps (`grad_clip` 0:
+    no clipping, the norm is logged either way). Raises StopRequested after the step during
+    which a stop was asked for."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     max_norm = grad_clip if grad_clip > 0 else float("inf")
     model.train()
@@ -95,38 +123,20 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sc
     for images, targets in bar:
         data_time = time.time() - t_prev  # waiting for the DataLoader (0 when it keeps up)
         images = [img.to(device, non_blocking=True) for img in images]
-        targets = _targets_to(targets, device)
-        lr = scheduler.get_lr()
-        with amp.autocast(device):
-            loss_dict = model(images, targets)
-            loss = sum(loss_dict.values())
-        loss_value = float(loss.detach())
-        if not math.isfinite(loss_value):
-            raise NonFiniteLossError(f"loss is {loss_value} at step {progress.global_step + 1} "
-                                     f"(epoch {progress.epoch}); try a lower optim.lr")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if scaler.is_enabled():
-            scaler.unscale_(optimizer)  # clip (and log) the true gradient norm
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        amp_scale = float(scaler.get_scale()) if scaler.is_enabled() else None  # the scale this step used
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-
+        scalars = train_step(model, optimizer, scheduler, scaler, images, _targets_to(targets, device), amp=amp,
+                             device=device, params=params, max_norm=max_norm,
+                             where=f"step {progress.global_step + 1} (epoch {progress.epoch})")
         now = time.time()
         step_time, t_prev = now - t_prev, now
         progress.batches_done += 1
-        progress.loss_sum += loss_value
+        progress.loss_sum += scalars["loss"]
         progress.loss_count += 1
         progress.time_s += step_time
         step = progress.global_step
         if step % log_every == 0:
-            recorder.record_step(step, progress.epoch, loss=loss_value, lr=lr, grad_norm=grad_norm,
-                                 images_per_s=len(images) / max(step_time, 1e-9), data_time_s=data_time,
-                                 amp_scale=amp_scale, gpu_mem_peak_mb=gpu_mem_peak_mb(device),
-                                 **{k: float(v.detach()) for k, v in loss_dict.items()})
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
+            recorder.record_step(step, progress.epoch, images_per_s=len(images) / max(step_time, 1e-9),
+                                 data_time_s=data_time, gpu_mem_peak_mb=gpu_mem_peak_mb(device), **scalars)
+        bar.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{scalars['lr']:.2e}", refresh=False)
         state.step_done(step, progress.batches_done, len(images), step_time)
         state.check_stop()
     bar.close()
