@@ -111,7 +111,8 @@ class ScheduleConfig:
 class TrainConfig:
     epochs: int = 50
     batch_size: int = 16
-    amp: bool = True  # fp16 autocast + GradScaler; only on CUDA
+    amp: bool = True  # mixed precision (autocast), see amp_dtype
+    amp_dtype: str = "auto"  # auto: float16 + GradScaler on CUDA, AMP off on CPU | float16 (CUDA only) | bfloat16 (CUDA or CPU, no GradScaler)
     grad_clip: float = 10.0  # max L2 norm; 0 disables clipping (the norm is still logged)
     early_stopping_patience: int = 10  # epochs without a better val mAP@0.5; 0 disables
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -185,6 +186,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.batch_size": (lambda v: 1 <= v <= 1024, "between 1 and 1024"),
     "train.grad_clip": (lambda v: v >= 0, ">= 0"),
     "train.early_stopping_patience": (lambda v: v >= 0, ">= 0"),
+    "train.amp_dtype": (lambda v: v in ("auto", "float16", "bfloat16"), "auto, float16 or bfloat16"),
     "train.device": (lambda v: bool(re.match(r"^(auto|cpu|cuda(:\d+)?)$", v)), "auto, cpu, cuda or cuda:N"),
     "train.log_every": (lambda v: v >= 1, ">= 1"),
     "eval.score_threshold": (lambda v: 0 <= v <= 1, "between 0 and 1"),

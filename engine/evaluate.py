@@ -18,7 +18,7 @@ import json
 import platform
 import time
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -30,14 +30,11 @@ from engine.data import PlateDataset, load_split
 from engine.errors import EngineError
 from engine.model import count_parameters, load_model_from_checkpoint, resolve_device
 from engine.predict import infer
-from engine.runs import BEST_CKPT, LAST_CKPT, TEST_DIR, atomic_write_json, atomic_write_text
+from engine.runs import (BEST_CKPT, LAST_CKPT, PR_CURVE_FILE, PRF_FILE, PREDICTIONS_FILE, TEST_DIR,
+                         TEST_METRICS_FILE, atomic_write_json, atomic_write_text)
 from engine.samples import luminance_stats, select_samples, write_samples
 
 WARMUP_RUNS = 3
-METRICS_JSON = "metrics.json"
-PR_CURVE_JSON = "pr_curve.json"
-PRF_JSON = "prf_vs_confidence.json"
-PREDICTIONS_JSON = "predictions.json"
 
 
 class EvaluationError(EngineError):
@@ -51,19 +48,21 @@ def _to_numpy(tensor) -> np.ndarray:
 
 
 def predict_loader(model: torch.nn.Module, loader, device: Union[str, torch.device], amp: bool = False,
-                   progress: bool = True, desc: str = "predict") -> tuple[list[dict], list[dict]]:
+                   progress: bool = True, desc: str = "predict",
+                   amp_dtype: torch.dtype = torch.float16) -> tuple[list[dict], list[dict]]:
     """(gts, preds) in engine.metrics' format for every image of `loader` (model in eval mode, no grad).
 
     The loader yields (images, targets) as PlateDataset + collate_fn do; its targets are the gts.
+    `amp` autocasts to `amp_dtype`: float16 only on CUDA, bfloat16 on CUDA and CPU.
     """
     device = torch.device(device)
-    use_amp = amp and device.type == "cuda"
+    use_amp = amp and (device.type == "cuda" or amp_dtype == torch.bfloat16)
     model.eval()
     gts, preds = [], []
     with torch.inference_mode():
         for images, targets in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
             images = [image.to(device, non_blocking=True) for image in images]
-            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                 outputs = model(images)
             for image, target, output in zip(images, targets, outputs):
                 image_id = int(target["image_id"])
@@ -75,14 +74,16 @@ def predict_loader(model: torch.nn.Module, loader, device: Union[str, torch.devi
 
 
 def validate(model: torch.nn.Module, loader, device: Union[str, torch.device], score_threshold: float,
-             amp: bool = False, iou: float = 0.5, progress: bool = True) -> dict:
+             amp: bool = False, iou: float = 0.5, progress: bool = True,
+             amp_dtype: torch.dtype = torch.float16) -> dict:
     """{map50, map50_95, map75, map_small/medium/large, precision, recall, f1, tp, fp, fn, score_threshold}.
 
-    The model's train/eval mode is restored afterwards.
+    precision / recall / F1 / TP / FP / FN count a match at IoU >= `iou`. The model's train/eval
+    mode is restored afterwards.
     """
     was_training = model.training
     try:
-        gts, preds = predict_loader(model, loader, device, amp, progress, desc="validate")
+        gts, preds = predict_loader(model, loader, device, amp, progress, desc="validate", amp_dtype=amp_dtype)
     finally:
         model.train(was_training)
     return metrics.detection_metrics(gts, preds, score_threshold, iou)
@@ -152,14 +153,44 @@ def _print_table(result: dict, out: Path) -> None:
     print(f"Results written to {out}")
 
 
+def _predict_timed(model: torch.nn.Module, dataset: PlateDataset, dev: torch.device, amp: bool, progress: bool,
+                   desc: str, on_image: Optional[Callable[[], None]]) -> tuple:
+    """Predict every image at batch 1 after WARMUP_RUNS untimed runs; returns (gts, preds, image
+    brightness stats, preprocess ms, model ms, postprocess ms) per image."""
+    first, _ = dataset[0]
+    for _ in range(WARMUP_RUNS):
+        infer(model, first.to(dev), dev, amp)
+    gts, preds, image_stats, pre_ms, model_ms, post_ms = [], [], {}, [], [], []
+    for index in tqdm(range(len(dataset)), desc=desc, unit="img", disable=not progress):
+        if on_image is not None:
+            on_image()
+        start = time.perf_counter()
+        image, _ = dataset[index]
+        on_device = image.to(dev)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        pre_ms.append((time.perf_counter() - start) * 1000)
+        boxes, scores, ms_model, ms_post = infer(model, on_device, dev, amp)
+        model_ms.append(ms_model)
+        post_ms.append(ms_post)
+        record = dataset.records[index]
+        gts.append({"image_id": record.id, "boxes": record.boxes, "width": record.width, "height": record.height})
+        preds.append({"image_id": record.id, "boxes": boxes, "scores": scores})
+        image_stats[record.id] = luminance_stats(image)
+    return gts, preds, image_stats, pre_ms, model_ms, post_ms
+
+
 def evaluate_checkpoint(checkpoint: Union[str, Path], config_path: Optional[Union[str, Path]] = None,
                         device: str = "auto", data_root: Optional[Union[str, Path]] = None, split: str = "test",
-                        out: Optional[Union[str, Path]] = None, progress: bool = True, verbose: bool = True) -> dict:
+                        out: Optional[Union[str, Path]] = None, progress: bool = True, verbose: bool = True,
+                        on_image: Optional[Callable[[], None]] = None) -> dict:
     """Evaluate a checkpoint on a split; write the files listed in the module docstring; return metrics.json.
 
     The architecture and weights come from the checkpoint. `config_path` (else the checkpoint's
     own config) gives the data root, input sizes, eval thresholds and AMP; `data_root` overrides
     the data root. Errors (bad checkpoint, bad dataset, missing device) raise EngineError.
+    `on_image` is called before each image (the trainer's heartbeat; an exception it raises,
+    e.g. a stop request, ends the evaluation with nothing written).
     """
     path = Path(checkpoint)
     dev = resolve_device(device)
@@ -183,27 +214,9 @@ def evaluate_checkpoint(checkpoint: Union[str, Path], config_path: Optional[Unio
     thr, iou = cfg.eval.score_threshold, cfg.eval.iou_threshold
 
     dataset = PlateDataset(coco_split, train=False)
-    first, _ = dataset[0]
-    for _ in range(WARMUP_RUNS):
-        infer(model, first.to(dev), dev, amp)
-
-    gts, preds, image_stats, pre_ms, model_ms, post_ms = [], [], {}, [], [], []
     records = dataset.records
-    for index in tqdm(range(len(dataset)), desc=f"evaluate {split}", unit="img", disable=not progress):
-        start = time.perf_counter()
-        image, _ = dataset[index]
-        on_device = image.to(dev)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        pre_ms.append((time.perf_counter() - start) * 1000)
-        boxes, scores, ms_model, ms_post = infer(model, on_device, dev, amp)
-        model_ms.append(ms_model)
-        post_ms.append(ms_post)
-        record = records[index]
-        gts.append({"image_id": record.id, "boxes": record.boxes, "width": record.width, "height": record.height})
-        preds.append({"image_id": record.id, "boxes": boxes, "scores": scores})
-        image_stats[record.id] = luminance_stats(image)
-
+    gts, preds, image_stats, pre_ms, model_ms, post_ms = _predict_timed(model, dataset, dev, amp, progress,
+                                                                         f"evaluate {split}", on_image)
     matches = metrics.match_detections(gts, preds, iou)
     at_thr = metrics.prf_at_threshold(gts, preds, thr, iou, matches=matches)
     best = metrics.best_f1(gts, preds, iou, matches=matches)
@@ -236,14 +249,14 @@ def evaluate_checkpoint(checkpoint: Union[str, Path], config_path: Optional[Unio
 
     out_dir.mkdir(parents=True, exist_ok=True)
     # the long point lists are written compactly (one line)
-    atomic_write_text(out_dir / PR_CURVE_JSON, json.dumps(curve))
-    atomic_write_text(out_dir / PRF_JSON, json.dumps({**prf_conf, "score_threshold": float(thr),
+    atomic_write_text(out_dir / PR_CURVE_FILE, json.dumps(curve))
+    atomic_write_text(out_dir / PRF_FILE, json.dumps({**prf_conf, "score_threshold": float(thr),
                                                       "best_f1": result["best_f1"]}))
-    atomic_write_text(out_dir / PREDICTIONS_JSON, json.dumps(metrics.coco_results(preds)))
+    atomic_write_text(out_dir / PREDICTIONS_FILE, json.dumps(metrics.coco_results(preds)))
     selection = select_samples(matches, thr, image_stats)
     write_samples(selection, matches, {r.id: r.path for r in records}, out_dir,
                   file_names={r.id: r.file_name for r in records})
-    atomic_write_json(out_dir / METRICS_JSON, result)  # last: its presence means the evaluation finished
+    atomic_write_json(out_dir / TEST_METRICS_FILE, result)  # last: its presence means the evaluation finished
     if verbose:
         _print_table(result, out_dir)
     return result

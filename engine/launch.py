@@ -20,12 +20,10 @@ from typing import Optional, Sequence, Union
 from engine import runs
 from engine.config import load_config, validate_run_name
 from engine.errors import EngineError
+from engine.runs import EVALUATE_LOG, EVALUATE_PID
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger(__name__)
-EVALUATE_LOG = "evaluate.log"
-EVALUATE_PID = "evaluate.pid"
-_RESUME_LOCK = ".resume.lock"
 
 PathLike = Union[str, Path]
 
@@ -55,25 +53,6 @@ def _spawn(args: Sequence[str], log_path: Path) -> subprocess.Popen:
         )
     threading.Thread(target=proc.wait, name=f"reap-{proc.pid}", daemon=True).start()
     return proc
-
-
-def _write_queued(run_dir: Path, name: str, pid: Optional[int], message: str, **extra) -> None:
-    """Mark the run queued so it shows at once; keeps whatever the status already holds."""
-    previous = runs.read_status(run_dir) or {}
-    now = time.time()
-    status = {**previous, "state": "queued", "run": name, "pid": pid, "pgid": pid,
-              "host": runs.hostname(), "updated_at": now, "message": message, "error": None,
-              "ended_at": None, **extra}
-    status.setdefault("started_at", now)
-    runs.atomic_write_json(run_dir / runs.STATUS_FILE, status)
-
-
-def _set_pid_if_queued(run_dir: Path, pid: int) -> None:
-    """Record the child's pid unless the child already wrote its own status."""
-    status = runs.read_status(run_dir) or {}
-    if status.get("state") == "queued" and not status.get("pid"):
-        status.update(pid=pid, pgid=pid, updated_at=time.time())
-        runs.atomic_write_json(run_dir / runs.STATUS_FILE, status)
 
 
 def start_run(config_path: PathLike, run_name: str, overrides: Optional[list[str]] = None,
@@ -107,15 +86,13 @@ def start_run(config_path: PathLike, run_name: str, overrides: Optional[list[str
         args += ["--device", device]
     for item in all_overrides:
         args += ["--set", item]
-    _write_queued(run_dir, run_name, None, "launched", started_at=time.time(), command=args)
+    runs.write_queued(run_dir, run_name, "launched", started_at=time.time(), command=args)
     try:
         proc = _spawn(args, run_dir / runs.LOG_FILE)
     except OSError as exc:
-        runs.atomic_write_json(run_dir / runs.STATUS_FILE, {
-            **(runs.read_status(run_dir) or {}), "state": "failed", "error": f"cannot start: {exc}",
-            "updated_at": time.time(), "ended_at": time.time()})
+        runs.write_ended(run_dir, "failed", f"cannot start: {exc}", error=f"cannot start: {exc}")
         raise LaunchError(f"run {run_name!r}: cannot start the trainer ({exc})") from None
-    _set_pid_if_queued(run_dir, proc.pid)
+    runs.set_pid_if_queued(run_dir, proc.pid)
     return proc.pid
 
 
@@ -134,7 +111,7 @@ def resume_run(run_name: str, runs_dir: PathLike = "runs") -> int:
     run_dir = runs_dir / run_name
     if not run_dir.is_dir():
         raise LaunchError(f"run {run_name!r} not found in {runs_dir}")
-    lock = run_dir / _RESUME_LOCK
+    lock = run_dir / runs.RESUME_LOCK
     try:
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
@@ -151,9 +128,9 @@ def resume_run(run_name: str, runs_dir: PathLike = "runs") -> int:
         if status and status.get("host") not in (None, runs.hostname()) and state == "stalled":
             raise LaunchError(f"run {run_name!r} runs on host {status.get('host')}; resume it there")
         args = ["train", "--resume", run_name, "--runs-dir", str(runs_dir)]
-        _write_queued(run_dir, run_name, None, "resuming")
+        runs.write_queued(run_dir, run_name, "resuming")
         proc = _spawn(args, run_dir / runs.LOG_FILE)
-        _set_pid_if_queued(run_dir, proc.pid)
+        runs.set_pid_if_queued(run_dir, proc.pid)
         return proc.pid
     finally:
         try:

@@ -26,14 +26,13 @@ from PIL import Image, ImageDraw
 from engine.data import CocoSplit, ImageRecord, read_image
 from engine.metrics import box_iou
 from engine.predict import image_to_tensor, infer
-from engine.runs import PROBES_DIR, atomic_write_bytes, atomic_write_json, read_json
+from engine.runs import PROBES_DIR, PROBES_EPOCH_DIR, PROBES_INDEX, atomic_write_bytes, atomic_write_json, read_json
 from engine.samples import GT_COLOR, TP_COLOR
 
 THUMB_SIZE = 160
 DRAW_THRESHOLD = 0.5
 LIST_THRESHOLD = 0.25
 LIST_MAX = 20
-INDEX_FILE = "index.json"
 
 
 def select_probe_images(split: CocoSplit, n: int, seed: int) -> list[ImageRecord]:
@@ -69,7 +68,7 @@ def write_probes(model: torch.nn.Module, records: list[ImageRecord], run_dir: Un
     Returns the index."""
     device = torch.device(device)
     probe_dir = Path(run_dir) / PROBES_DIR
-    epoch_dir = probe_dir / f"epoch_{epoch:03d}"
+    epoch_dir = probe_dir / PROBES_EPOCH_DIR.format(epoch=epoch)
     epoch_dir.mkdir(parents=True, exist_ok=True)
     was_training = model.training
     transform = getattr(model, "transform", None)
@@ -98,7 +97,7 @@ def write_probes(model: torch.nn.Module, records: list[ImageRecord], run_dir: Un
         if old_test_size is not None:
             transform.test_size = old_test_size
         model.train(was_training)
-    index = read_json(probe_dir / INDEX_FILE)
+    index = read_json(probe_dir / PROBES_INDEX)
     if not isinstance(index, dict):
         index = {}
     index["thumb_size"] = THUMB_SIZE
@@ -109,5 +108,5 @@ def write_probes(model: torch.nn.Module, records: list[ImageRecord], run_dir: Un
     all_detections[str(epoch)] = detections
     index["detections"] = {k: all_detections[k] for k in sorted(all_detections, key=int)}
     index["epochs"] = [int(k) for k in index["detections"]]
-    atomic_write_json(probe_dir / INDEX_FILE, index)
+    atomic_write_json(probe_dir / PROBES_INDEX, index)
     return index

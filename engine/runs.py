@@ -1,12 +1,24 @@
-"""The run folder contract (see docs/engine.md): paths, atomic writes and tolerant readers.
+"""The run folder contract (see docs/engine.md): names, atomic writes, tolerant readers.
 
-Writers (the trainer) and readers (the dashboard, the report) both go through this module so
-the file names and record shapes live in one place.
+Every file and folder name of a run is defined here (other modules import the names), and this
+module holds the only functions that write status.json (StatusWriter for the trainer; write_queued,
+set_pid_if_queued and write_ended for launchers and refused starts). Writers (the trainer,
+evaluate, probes, the report) and readers (the dashboard) use these names.
+
+    runs/<run>/config.yaml  status.json  metrics.jsonl  train.log  dataset.json  events.out.tfevents.*
+               test/        metrics.json pr_curve.json prf_vs_confidence.json predictions.json
+                            samples.json samples/*.jpg evaluate.log evaluate.pid
+               probes/      index.json epoch_NNN/<image id>.jpg
+               report/      RESULTS.md img/*.png
+    checkpoints/<run>/best.pth  last.pth
 
 status.json   {"state", "run", "pid", "pgid", "host", "device", "device_name", "started_at",
                "updated_at", "ended_at", "epoch", "epochs", "step", "steps_per_epoch",
                "global_step", "total_steps", "best": {"epoch", "map50"}, "images_per_s",
-               "eta_s", "message", "error", "checkpoint_dir"}     times are unix seconds
+               "eta_s", "message", "error", "checkpoint_dir", "resumed_at", "completed_at",
+               "elapsed_s", "command", "torch_version", "cuda_version", "python_version",
+               "platform"}     times are unix seconds; `completed_at` is set once, when the run
+               completes, and stays when a launcher marks the run queued again
 metrics.jsonl {"type": "step", "step", "epoch", "time", "loss", "loss_classifier", "loss_box_reg",
                "loss_objectness", "loss_rpn_box_reg", "lr", "grad_norm", "images_per_s",
                "data_time_s", "amp_scale", "gpu_mem_peak_mb"}   (the last two null off CUDA/AMP)
@@ -26,13 +38,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
-CONFIG_FILE = "config.yaml"
-STATUS_FILE = "status.json"
-METRICS_FILE = "metrics.jsonl"
+# runs/<run>/
+CONFIG_FILE = "config.yaml"  # the resolved config, written once at the start
+STATUS_FILE = "status.json"  # the lifecycle state, replaced atomically
+METRICS_FILE = "metrics.jsonl"  # step and epoch records, appended
 LOG_FILE = "train.log"
 DATASET_FILE = "dataset.json"  # dataset summary per split
-TEST_DIR = "test"  # evaluate output: metrics.json, predictions, curves, samples
-PROBES_DIR = "probes"  # probes/epoch_NNN/<image>.jpg + probes/index.json
+RESUME_LOCK = ".resume.lock"  # held by a launcher while it starts `train --resume`
+# runs/<run>/test/: the output of `python -m engine evaluate`
+TEST_DIR = "test"
+TEST_METRICS_FILE = "metrics.json"  # written last: its presence means the evaluation finished
+PR_CURVE_FILE = "pr_curve.json"
+PRF_FILE = "prf_vs_confidence.json"
+PREDICTIONS_FILE = "predictions.json"
+SAMPLES_FILE = "samples.json"
+SAMPLES_DIR = "samples"
+EVALUATE_LOG = "evaluate.log"  # a background evaluation's output
+EVALUATE_PID = "evaluate.pid"
+# runs/<run>/probes/
+PROBES_DIR = "probes"
+PROBES_INDEX = "index.json"
+PROBES_EPOCH_DIR = "epoch_{epoch:03d}"  # .format(epoch=N)
+# runs/<run>/report/
+REPORT_DIR = "report"
+REPORT_FILE = "RESULTS.md"
+REPORT_IMG_DIR = "img"
+# checkpoints/<run>/
 BEST_CKPT = "best.pth"
 LAST_CKPT = "last.pth"
 
@@ -138,11 +169,15 @@ def effective_state(status: Optional[dict], now: Optional[float] = None,
 
 
 class StatusWriter:
-    """Holds the current status dict and replaces status.json atomically on every update."""
+    """Holds the current status dict and replaces status.json atomically on every update.
 
-    def __init__(self, run_path: PathLike, **initial: Any):
+    `enabled=False` (non-zero ranks under torchrun) keeps the dict and writes nothing.
+    """
+
+    def __init__(self, run_path: PathLike, enabled: bool = True, **initial: Any):
         self.path = Path(run_path) / STATUS_FILE
-        previous = read_status(run_path) or {}
+        self.enabled = enabled
+        previous = (read_status(run_path) or {}) if enabled else {}
         self.status: dict = {**previous, **initial}
         self.status.setdefault("host", hostname())
         self.last_write = 0.0
@@ -150,15 +185,49 @@ class StatusWriter:
     def update(self, **fields: Any) -> dict:
         self.status.update(fields)
         self.status["updated_at"] = time.time()
-        atomic_write_json(self.path, self.status)
+        if self.enabled:
+            atomic_write_json(self.path, self.status)
         self.last_write = self.status["updated_at"]
         return self.status
 
     def heartbeat(self, every: float = 5.0, **fields: Any) -> None:
-        """Update only when `every` seconds have passed since the last write (or fields changed state)."""
+        """Keep `fields`; write only when `every` seconds have passed since the last write."""
         self.status.update(fields)
         if time.time() - self.last_write >= every:
             self.update()
+
+
+def _merge_status(run_path: PathLike, fields: dict) -> dict:
+    """Read status.json, apply `fields` and `updated_at`, replace it atomically; returns the new status."""
+    status = {**(read_status(run_path) or {}), **fields, "updated_at": time.time()}
+    atomic_write_json(Path(run_path) / STATUS_FILE, status)
+    return status
+
+
+def write_queued(run_path: PathLike, name: str, message: str, **extra: Any) -> dict:
+    """Mark a run `queued` (a launcher, before it spawns the trainer); keeps what the status holds."""
+    previous = read_status(run_path) or {}
+    return _merge_status(run_path, {"state": "queued", "run": name, "pid": None, "pgid": None,
+                                    "host": hostname(), "message": message, "error": None, "ended_at": None,
+                                    "started_at": previous.get("started_at") or time.time(), **extra})
+
+
+def set_pid_if_queued(run_path: PathLike, pid: int) -> bool:
+    """Record a spawned trainer's pid unless the trainer already wrote its own status."""
+    status = read_status(run_path) or {}
+    if status.get("state") != "queued" or status.get("pid"):
+        return False
+    _merge_status(run_path, {"pid": pid, "pgid": pid})
+    return True
+
+
+def write_ended(run_path: PathLike, state: str, message: str, error: Optional[str] = None,
+                **extra: Any) -> dict:
+    """End a run that never got a StatusWriter (a spawn that failed, a refused --resume)."""
+    if state not in END_STATES:
+        raise ValueError(f"{state!r} is not an end state ({', '.join(END_STATES)})")
+    now = time.time()
+    return _merge_status(run_path, {"state": state, "message": message, "error": error, "ended_at": now, **extra})
 
 
 # ----------------------------------------------------------------------------- metrics

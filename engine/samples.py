@@ -21,14 +21,12 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from engine.metrics import box_iou
-from engine.runs import atomic_write_json
+from engine.runs import SAMPLES_DIR, SAMPLES_FILE, atomic_write_json
 
 SMALL_AREA_SHARE = 0.01
 DARK_BRIGHTNESS = 60.0  # on 0..255
 LOW_CONTRAST = 30.0  # luminance std on 0..255
 ASPECT_RANGE = (1.5, 6.0)
-SAMPLES_DIR = "samples"
-SAMPLES_FILE = "samples.json"
 
 GT_COLOR = (0, 200, 0)
 TP_COLOR = (255, 150, 0)  # orange: a kept detection that matched a plate

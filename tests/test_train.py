@@ -21,7 +21,7 @@ from engine.checkpoint import FORMAT, load_checkpoint
 from engine.config import config_from_dict, load_config
 from engine.errors import EngineError
 from engine.tracking import JsonlWriter, MetricsRecorder, TensorBoardWriter
-from engine.train import RunError, load_run_config, make_train_sampler, train
+from engine.train import RunError, load_run_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
 STEP_KEYS = {"type", "step", "epoch", "time", "loss", "loss_classifier", "loss_box_reg", "loss_objectness",
@@ -302,15 +302,6 @@ def test_sigterm_stops_with_last_checkpoint(work):
 
 
 # ----------------------------------------------------------------------------- small parts
-def test_train_sampler_order_is_fixed_per_epoch_and_skippable():
-    data = list(range(10))
-    order = list(make_train_sampler(data, seed=3, epoch=1))
-    assert sorted(order) == data and order == list(make_train_sampler(data, seed=3, epoch=1))
-    assert order != list(make_train_sampler(data, seed=3, epoch=2))
-    skipped = make_train_sampler(data, seed=3, epoch=1, skip=4)
-    assert list(skipped) == order[4:] and len(skipped) == 6
-
-
 def test_recorder_writes_jsonl_and_tensorboard_with_purge(tmp_path):
     rec = MetricsRecorder([JsonlWriter(tmp_path / runs.METRICS_FILE), TensorBoardWriter(tmp_path)])
     for step in (1, 2, 3):
@@ -330,15 +321,72 @@ def test_recorder_writes_jsonl_and_tensorboard_with_purge(tmp_path):
     assert loss == [(1, 1.0), (2, 0.5), (3, 0.25)]  # the orphaned step-3 event was purged
 
 
-def test_missing_data_root_is_generated_or_refused(tmp_path):
-    from engine.data import load_split
-    from engine.train import prepare_data_root
+# ----------------------------------------------------------------------------- eval settings, final stop, AMP on CPU
+def test_validation_counts_matches_at_eval_iou_threshold(work, monkeypatch):
+    import engine.evaluate
 
-    cfg = config_from_dict({"data": {"root": str(tmp_path / "synth"), "generate_if_missing": True,
-                                     "synth": {"train": 2, "valid": 1, "test": 1, "width": 96, "height": 64}}})
-    root = prepare_data_root(cfg)
-    assert root == tmp_path / "synth" and len(load_split(root, "train").images) == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["synth"]  # generated aside, then renamed into place
-    cfg.data.root, cfg.data.generate_if_missing = str(tmp_path / "nowhere"), False
-    with pytest.raises(RunError, match="nowhere: dataset root not found"):
-        prepare_data_root(cfg)
+    real_validate = engine.evaluate.validate
+    ious = []
+
+    def recording_validate(*args, **kwargs):  # real validation; remembers the IoU it was asked for
+        ious.append(kwargs.get("iou"))
+        return real_validate(*args, **kwargs)
+
+    monkeypatch.setattr(engine.evaluate, "validate", recording_validate)
+    cfg = config_from_dict(tiny_dict(work / "data", work, data={"train_limit": 2}, train={"epochs": 1},
+                                     eval={"iou_threshold": 0.3, "probe_images": 0, "test_after_train": False}))
+    assert train(cfg, "iou")["state"] == "completed"
+    assert ious == [0.3]
+
+
+def test_stop_during_the_test_evaluation_ends_stopped_and_resume_completes(work, monkeypatch):
+    import engine.evaluate
+
+    real_evaluate = engine.evaluate.evaluate_checkpoint
+
+    def stop_pressed_then_evaluate(*args, **kwargs):  # Stop arrives while the test split is evaluated
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(engine.evaluate, "evaluate_checkpoint", stop_pressed_then_evaluate)
+    cfg = config_from_dict(tiny_dict(work / "data", work, data={"train_limit": 2}, train={"epochs": 1},
+                                     eval={"probe_images": 0}))
+    run_dir, runs_dir = work / "runs" / "test-stop", str(work / "runs")
+    assert train(cfg, "test-stop")["state"] == "stopped"
+    status = runs.read_status(run_dir)
+    assert status["state"] == "stopped" and "during the test evaluation" in status["message"]
+    assert "resume with --resume test-stop" in status["message"]
+    assert not (run_dir / runs.TEST_DIR / runs.TEST_METRICS_FILE).exists()
+    assert load_checkpoint(work / "checkpoints" / "test-stop" / runs.LAST_CKPT)["completed"] is True
+
+    monkeypatch.setattr(engine.evaluate, "evaluate_checkpoint", real_evaluate)
+    result = train(load_run_config("test-stop", runs_dir), "test-stop", resume=True)
+    assert result["state"] == "completed" and result["global_step"] == 1
+    status = runs.read_status(run_dir)
+    assert status["state"] == "completed" and status["completed_at"] and "completed 1 epochs" in status["message"]
+    assert (run_dir / runs.TEST_DIR / runs.TEST_METRICS_FILE).is_file()
+    assert [(r["type"], r["step"]) for r in _raw_records(run_dir)] == [("step", 1), ("epoch", 1)]  # no retraining
+    assert "Training finished at epoch 1; evaluating the test split" in (run_dir / runs.LOG_FILE).read_text()
+    with pytest.raises(RunError, match="already completed"):
+        train(load_run_config("test-stop", runs_dir), "test-stop", resume=True)
+
+
+def test_bfloat16_autocast_trains_on_cpu(work):
+    dtypes_in_training = set()
+
+    def hook(module, args, output):
+        if module.training and isinstance(output, torch.Tensor):
+            dtypes_in_training.add(output.dtype)
+
+    cfg = config_from_dict(tiny_dict(work / "data", work, train={"epochs": 1, "amp": True, "amp_dtype": "bfloat16"},
+                                     eval={"probe_images": 0, "test_after_train": False}))
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        result = train(cfg, "bf16")
+    finally:
+        handle.remove()
+    assert result["state"] == "completed" and result["global_step"] == 2
+    assert torch.bfloat16 in dtypes_in_training  # autocast ran in the training forward passes
+    steps = [r for r in _raw_records(work / "runs" / "bf16") if r["type"] == "step"]
+    assert len(steps) == 2 and all(r["loss"] > 0 and r["amp_scale"] is None for r in steps)  # no GradScaler on bf16
+    assert "AMP: on (bfloat16)" in (work / "runs" / "bf16" / runs.LOG_FILE).read_text()
