@@ -157,7 +157,8 @@ def _sbatch_command(tmp_path, **env_extra):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     _fake_bin(bin_dir, "srun", f'printf "%s\\n" "$@" > {tmp_path}/srun.args\n')
-    _fake_bin(bin_dir, "scontrol", 'echo gpu-node-07; echo gpu-node-08\n')
+    # many names: a reader that closes the pipe early (`| head -n 1`) would kill it with SIGPIPE
+    _fake_bin(bin_dir, "scontrol", 'echo gpu-node-07; for i in $(seq 8 5000); do echo gpu-node-$i; done\n')
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_NNODES": "2",
            "SLURM_JOB_NODELIST": "gpu-node-[07-08]", "SLURM_GPUS_ON_NODE": "4", "SHARED": str(tmp_path / "shared"),
            **env_extra}
