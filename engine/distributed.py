@@ -35,7 +35,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar, Union
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, SequentialSampler
+from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from engine.errors import EngineError
@@ -238,11 +238,20 @@ def train_sampler(dataset, ctx: DistContext, seed: int, epoch: int) -> Distribut
     return sampler
 
 
-def eval_sampler(dataset, ctx: DistContext):
-    """Rank r predicts images r, r + W, r + 2W... (padded at the end to equal shares)."""
-    if ctx.world_size == 1:
-        return SequentialSampler(dataset)
-    return DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=False, drop_last=False)
+def eval_batches(num_images: int, batch_size: int, ctx: DistContext) -> list[list[int]]:
+    """This rank's evaluation batches: the one-process batches [0..B-1], [B..2B-1], ... dealt out in
+    turn (rank r takes batches r, r + W, ...). Every image is predicted once, inside exactly the batch
+    it has in a single process, so the predictions (and the metrics) are the same bit for bit;
+    DistributedSampler's image-level split regroups images and moves scores (see docs/distributed.md)."""
+    if batch_size < 1:
+        raise DistributedError(f"evaluation batch size {batch_size}: must be >= 1")
+    batches = [list(range(i, min(i + batch_size, num_images))) for i in range(0, num_images, batch_size)]
+    return batches[ctx.rank::ctx.world_size]
+
+
+def eval_rounds(num_images: int, batch_size: int, world_size: int) -> int:
+    """Batches of the rank with the most: every rank takes part in that many stop decisions."""
+    return math.ceil(math.ceil(num_images / batch_size) / world_size)
 
 
 def augmentation_seed(seed: int, rank: int) -> int:
@@ -387,45 +396,48 @@ class EvaluationStopped(Exception):
 
 def eval_loader(dataset, ctx: DistContext, batch_size: int, collate_fn, num_workers: int = 0,
                 pin_memory: bool = False) -> DataLoader:
-    """This rank's share of `dataset`, in dataset order, `batch_size` images per batch."""
-    return DataLoader(dataset, batch_size=batch_size, sampler=eval_sampler(dataset, ctx), num_workers=num_workers,
+    """This rank's share of `dataset` (eval_batches), in dataset order."""
+    return DataLoader(dataset, batch_sampler=eval_batches(len(dataset), batch_size, ctx), num_workers=num_workers,
                       collate_fn=collate_fn, pin_memory=pin_memory)
 
 
-def merge_shards(shards: Sequence[tuple[list, list]], num_images: int) -> tuple[list, list]:
+def merge_shards(shards: Sequence[tuple[list, list]], num_images: int, batch_size: int = 1) -> tuple[list, list]:
     """(gts, preds) of the whole set from each rank's (gts, preds), in dataset order.
 
-    Rank r predicted dataset indices r, r + W, ...; interleaving restores the order. The sampler
-    pads the last shares with the first images again: entries whose image id was already seen are
-    dropped. Raises DistributedError when the merged set is not exactly `num_images` images.
+    Rank r predicted batches r, r + W, ... of `batch_size` images (eval_batches); dealing them
+    back restores the order. Entries whose image id was already seen are dropped (a sampler that
+    pads, such as DistributedSampler's, repeats images). Raises DistributedError when the merged
+    set is not exactly `num_images` images.
     """
-    world = len(shards)
     gts, preds, seen = [], [], set()
-    longest = max((len(s[0]) for s in shards), default=0)
-    for i in range(longest):
-        for r in range(world):
-            shard_gts, shard_preds = shards[r]
-            if i >= len(shard_gts):
-                continue
-            image_id = int(shard_gts[i]["image_id"])
-            if image_id in seen:
-                continue
-            seen.add(image_id)
-            gts.append(shard_gts[i])
-            preds.append(shard_preds[i])
+    rounds = max((math.ceil(len(s[0]) / batch_size) for s in shards), default=0)
+    for k in range(rounds):
+        for shard_gts, shard_preds in shards:
+            chunk = slice(k * batch_size, (k + 1) * batch_size)
+            for gt, pred in zip(shard_gts[chunk], shard_preds[chunk]):
+                image_id = int(gt["image_id"])
+                if image_id in seen:
+                    continue
+                seen.add(image_id)
+                gts.append(gt)
+                preds.append(pred)
     if len(gts) != num_images:
         raise DistributedError(f"distributed evaluation merged {len(gts)} distinct images, expected {num_images}")
     return gts, preds
 
 
-def _agreeing_loader(loader, ctx: DistContext, should_stop: Optional[Callable[[], bool]], beat):
-    """Yield the batches of `loader`; before each one every rank agrees whether to stop."""
-    for batch in loader:
+def _agreeing_loader(loader, rounds: int, ctx: DistContext, should_stop: Optional[Callable[[], bool]], beat):
+    """Yield the batches of `loader`. Every rank goes through `rounds` rounds (a rank with one batch
+    fewer yields nothing in its last); with `should_stop`, all ranks agree in each round whether to stop."""
+    batches = iter(loader)
+    for _ in range(rounds):
+        batch = next(batches, None)
         if beat is not None:
             beat()
         if should_stop is not None and agree(ctx, stop=bool(should_stop()))["stop"]:
             raise EvaluationStopped()
-        yield batch
+        if batch is not None:
+            yield batch
 
 
 def evaluate_distributed(model: nn.Module, dataset, ctx: DistContext, *, batch_size: int, collate_fn,
@@ -434,7 +446,8 @@ def evaluate_distributed(model: nn.Module, dataset, ctx: DistContext, *, batch_s
                          progress: bool = False) -> dict:
     """engine.metrics.detection_metrics of `dataset`, each rank predicting its share.
 
-    Rank 0 gathers the predictions, drops the sampler's padding and computes the metrics once;
+    Each rank predicts the one-process batches eval_batches gives it; rank 0 gathers the predictions,
+    puts them back in dataset order (dropping any repeated image) and computes the metrics once;
     every rank returns the same dict (rank 0 broadcasts it), so best.pth and early stopping decide
     alike everywhere. The model is evaluated unwrapped (no DDP collectives in its forward) and its
     train/eval mode is restored. `should_stop` is asked before each batch and agreed on by all
@@ -446,8 +459,9 @@ def evaluate_distributed(model: nn.Module, dataset, ctx: DistContext, *, batch_s
     plain = unwrap_model(model)
     was_training = plain.training
     loader = eval_loader(dataset, ctx, batch_size, collate_fn, num_workers, pin_memory=ctx.device.type == "cuda")
+    rounds = eval_rounds(len(dataset), batch_size, ctx.world_size)
     try:
-        gts, preds = predict_loader(plain, _agreeing_loader(loader, ctx, should_stop, beat), ctx.device, amp,
+        gts, preds = predict_loader(plain, _agreeing_loader(loader, rounds, ctx, should_stop, beat), ctx.device, amp,
                                     progress=progress and ctx.is_main, desc="validate")
     finally:
         plain.train(was_training)
@@ -459,7 +473,7 @@ def evaluate_distributed(model: nn.Module, dataset, ctx: DistContext, *, batch_s
     error: Optional[str] = None
     if ctx.is_main:
         try:
-            all_gts, all_preds = merge_shards(shards, len(dataset))
+            all_gts, all_preds = merge_shards(shards, len(dataset), batch_size)
             result = metrics.detection_metrics(all_gts, all_preds, score_threshold, iou)
         except Exception as exc:  # shared, so no rank waits for a result that never comes
             error = f"{type(exc).__name__}: {_first_line(exc)}"

@@ -102,11 +102,13 @@ def scenario_ddp(ctx, out, data: Path, work: Path, cfg):
 def scenario_eval(ctx, out, data: Path, work: Path, cfg):
     model, _ = load_model_from_checkpoint(work / "ddp.pth", device=ctx.device)
     valid = PlateDataset(load_split(data, "valid"), train=False)
-    loader = D.eval_loader(valid, ctx, batch_size=1, collate_fn=collate_fn)
-    out["eval_share"] = [int(valid.records[i].id) for i in loader.sampler]
     ddp = D.wrap_model(model, ctx)  # evaluation unwraps it
-    out["eval"] = D.evaluate_distributed(ddp, valid, ctx, batch_size=1, collate_fn=collate_fn,
-                                         score_threshold=cfg.eval.score_threshold, iou=cfg.eval.iou_threshold)
+    for batch in (1, 2):
+        loader = D.eval_loader(valid, ctx, batch_size=batch, collate_fn=collate_fn)
+        out[f"eval_share_b{batch}"] = [[int(valid.records[i].id) for i in b] for b in loader.batch_sampler]
+        out[f"eval_b{batch}"] = D.evaluate_distributed(ddp, valid, ctx, batch_size=batch, collate_fn=collate_fn,
+                                                       score_threshold=cfg.eval.score_threshold,
+                                                       iou=cfg.eval.iou_threshold)
     calls = {"n": 0}
 
     def stop_on_rank_1():

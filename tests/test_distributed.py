@@ -101,21 +101,24 @@ def test_ddp_keeps_replicas_identical_and_saves_plain_keys(job):
     assert D.parameter_checksum(model) == r0["checksums"][0]
 
 
-def test_two_rank_evaluation_equals_one_process(job):
+@pytest.mark.parametrize("batch", [1, 2])
+def test_two_rank_evaluation_equals_one_process(job, batch):
     work, data, (r0, r1) = job
-    shares = r0["eval_share"] + r1["eval_share"]
-    assert len(shares) == VALID_IMAGES + 1 and len(set(shares)) == VALID_IMAGES  # one padded duplicate
-    assert r0["eval"] == r1["eval"]  # every rank gets rank 0's result
-    model, cfg = load_model_from_checkpoint(work / "ddp.pth")
     valid = PlateDataset(load_split(data, "valid"), train=False)
-    loader = DataLoader(valid, batch_size=1, shuffle=False, collate_fn=collate_fn)
+    ids = [r.id for r in valid.records]
+    # rank r predicts the one-process batches r, r + 2, ...: every image once, in its usual batch
+    expected = [ids[i:i + batch] for i in range(0, len(ids), batch)]
+    assert r0[f"eval_share_b{batch}"] == expected[0::2] and r1[f"eval_share_b{batch}"] == expected[1::2]
+    assert r0[f"eval_b{batch}"] == r1[f"eval_b{batch}"]  # every rank gets rank 0's result
+    model, cfg = load_model_from_checkpoint(work / "ddp.pth")
+    loader = DataLoader(valid, batch_size=batch, shuffle=False, collate_fn=collate_fn)
     single = validate(model, loader, "cpu", cfg.eval.score_threshold, iou=cfg.eval.iou_threshold, progress=False)
     _, preds = predict_loader(model, loader, "cpu", progress=False)
     assert sum(len(p["scores"]) for p in preds) > 0  # the comparison is not between two empty sets
     assert single["map50"] > 0
-    assert set(single) == set(r0["eval"])
+    assert set(single) == set(r0[f"eval_b{batch}"])
     for key, value in single.items():
-        assert abs(float(r0["eval"][key]) - float(value)) < 1e-9, key
+        assert abs(float(r0[f"eval_b{batch}"][key]) - float(value)) < 1e-9, key
 
 
 def test_evaluation_stop_asked_on_one_rank_stops_all_ranks_at_the_same_batch(job):
@@ -235,13 +238,23 @@ def test_shared_run_name_is_refused_on_an_elastic_restart_without_a_name():
         D.shared_run_name(D.DistContext(restart_count=1), None, lambda: "default")
 
 
-def test_merge_shards_restores_dataset_order_and_drops_the_padding():
+def test_eval_batches_deal_out_the_one_process_batches():
+    assert [D.eval_batches(7, 2, D.DistContext(rank=r, world_size=2)) for r in (0, 1)] == \
+        [[[0, 1], [4, 5]], [[2, 3], [6]]]
+    assert D.eval_batches(3, 2, D.DistContext(rank=2, world_size=3)) == []  # more ranks than batches
+    assert D.eval_batches(5, 4, D.DistContext()) == [[0, 1, 2, 3], [4]]
+    assert [D.eval_rounds(7, 2, 2), D.eval_rounds(3, 2, 3), D.eval_rounds(5, 1, 2)] == [2, 1, 3]
+
+
+def test_merge_shards_restores_dataset_order_and_drops_repeats():
     def shard(ids):
         return ([{"image_id": i} for i in ids], [{"image_id": i, "scores": np.array([i / 10])} for i in ids])
 
-    gts, preds = D.merge_shards([shard([10, 12, 14]), shard([11, 13, 10])], 5)
+    gts, preds = D.merge_shards([shard([10, 11, 14, 15]), shard([12, 13, 16])], 7, batch_size=2)
+    assert [g["image_id"] for g in gts] == [p["image_id"] for p in preds] == [10, 11, 12, 13, 14, 15, 16]
+    # DistributedSampler's image-level shares, padded with the first image
+    gts, _ = D.merge_shards([shard([10, 12, 14]), shard([11, 13, 10])], 5)
     assert [g["image_id"] for g in gts] == [10, 11, 12, 13, 14]
-    assert [p["image_id"] for p in preds] == [10, 11, 12, 13, 14]
     with pytest.raises(D.DistributedError, match="merged 4 distinct images, expected 5"):
         D.merge_shards([shard([10, 12]), shard([11, 13])], 5)
 
