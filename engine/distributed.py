@@ -204,6 +204,17 @@ def shutdown(ctx: DistContext) -> None:
             pass
 
 
+PEER_FAILURE_TEXTS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "timed out",
+                      "Timed out", "NCCL communicator was aborted", "failed to recv", "failed to send")
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """True for the errors a collective raises when another rank died or stopped answering."""
+    if isinstance(exc, getattr(dist, "DistBackendError", ())) or isinstance(exc, getattr(dist, "DistNetworkError", ())):
+        return True
+    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in PEER_FAILURE_TEXTS)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

@@ -19,11 +19,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from engine import distributed as D  # noqa: E402
-from engine.checkpoint import save_checkpoint  # noqa: E402
 from engine.config import config_from_dict  # noqa: E402
-from engine.data import PlateDataset, collate_fn, load_split  # noqa: E402
 from engine.errors import EngineError  # noqa: E402
-from engine.model import build_model, load_model_from_checkpoint  # noqa: E402
 
 TINY = {"model": {"name": "fasterrcnn_mobilenet_v3_large_320_fpn", "weights": "none"},
         "input": {"train_sizes": [128], "test_size": 128, "max_size": 160},
@@ -65,6 +62,9 @@ def scenario_names(ctx, out):
 
 def scenario_ddp(ctx, out, data: Path, work: Path, cfg):
     """DDP on the real detector from different initial weights; one train image has no plates."""
+    from engine.checkpoint import save_checkpoint
+    from engine.data import PlateDataset, collate_fn, load_split
+    from engine.model import build_model
     torch.manual_seed(100 + ctx.rank)  # different init per rank: DDP must broadcast rank 0's
     model = build_model(cfg).to(ctx.device)
     out["checksum_before_wrap"] = D.parameter_checksum(model)
@@ -100,6 +100,9 @@ def scenario_ddp(ctx, out, data: Path, work: Path, cfg):
 
 
 def scenario_eval(ctx, out, data: Path, work: Path, cfg):
+    from engine.data import PlateDataset, collate_fn, load_split
+    from engine.model import load_model_from_checkpoint
+
     model, _ = load_model_from_checkpoint(work / "ddp.pth", device=ctx.device)
     valid = PlateDataset(load_split(data, "valid"), train=False)
     ddp = D.wrap_model(model, ctx)  # evaluation unwraps it
@@ -123,7 +126,41 @@ def scenario_eval(ctx, out, data: Path, work: Path, cfg):
         out["eval_stop"] = f"stopped at batch {calls['n']}"
 
 
+def signal_loop(mode: str, work: Path) -> int:
+    """`kill`: rank 1 dies by SIGKILL at step 10; `stop`: loop until a SIGTERM (sent to torchrun)."""
+    import signal
+
+    cfg = config_from_dict({"train": {"device": "cpu"}, "dist": {"timeout_s": 60}}, where="worker")
+    ctx = D.init_from_env(cfg)
+    heartbeat = D.RankHeartbeat(work / "run", ctx, every_s=0)
+    flag = {"term": None}
+    signal.signal(signal.SIGTERM, lambda signum, frame: flag.update(term=flag["term"] or time.time()))
+    out, step, t_kill = {"rank": ctx.rank}, 0, None
+    try:
+        while True:
+            step += 1
+            heartbeat.beat(step=step)
+            decision = D.agree(ctx, stop=flag["term"] is not None)
+            if decision["stop"]:
+                out.update(stopped_at=step, who=decision.who("stop"))
+                break
+            if mode == "kill" and step == 10:
+                t_kill = time.time()
+                if ctx.rank == 1:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(0.05)
+    except Exception as exc:  # what the trainer's failure path will see
+        out.update(error=D._first_line(exc), peer_failure=D.is_peer_failure(exc), failed_at=step,
+                   seconds_after_kill=time.time() - t_kill if t_kill else None,
+                   sigterm_before_error=flag["term"] is not None, lost=D.describe_lost_ranks(work / "run", ctx))
+    (work / f"{mode}-rank-{ctx.rank}.json").write_text(json.dumps(out))
+    D.shutdown(ctx)
+    return 0
+
+
 def main() -> int:
+    if sys.argv[1] in ("kill", "stop"):
+        return signal_loop(sys.argv[1], Path(sys.argv[2]))
     work, data = Path(sys.argv[1]), Path(sys.argv[2])
     cfg = config_from_dict({**TINY, "data": {"root": str(data), "num_workers": 0}}, where="worker")
     ctx = D.init_from_env(cfg)

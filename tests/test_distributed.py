@@ -134,6 +134,47 @@ def test_each_rank_writes_its_heartbeat(job):
     assert "lost rank 1" in D.describe_lost_ranks(work / "run", D.DistContext(world_size=2))
 
 
+def _torchrun_worker(*args, **popen):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT", "TORCHELASTIC_RUN_ID")}
+    env["GLOO_SOCKET_IFNAME"] = "lo"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(WORKER), *map(str, args)]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def test_a_killed_rank_fails_the_next_collective_at_once_and_is_named(tmp_path):
+    proc = _torchrun_worker("kill", tmp_path)
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0  # torchrun reports the lost worker
+    r0 = json.loads((tmp_path / "kill-rank-0.json").read_text())
+    assert r0["peer_failure"] is True and r0["failed_at"] in (10, 11), (r0, log[-2000:])
+    assert r0["seconds_after_kill"] < 10  # the collective timeout is 60 s
+    assert r0["lost"].startswith("lost rank 1 (host "), r0
+    assert not (tmp_path / "kill-rank-1.json").exists()
+
+
+def test_sigterm_to_torchrun_stops_both_ranks_at_the_same_step(tmp_path):
+    import signal
+
+    proc = _torchrun_worker("stop", tmp_path, start_new_session=True)  # like the dashboard's launch
+    deadline = time.time() + 90
+
+    def both_running():
+        table = D.rank_table(tmp_path / "run")
+        return len(table) == 2 and all((row["step"] or 0) >= 3 for row in table)
+
+    while time.time() < deadline and not both_running():
+        time.sleep(0.2)
+    assert both_running(), "workers did not start"
+    os.killpg(proc.pid, signal.SIGTERM)  # the dashboard's Stop: the agent's process group
+    log = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 1 and "got signal: 15" in log  # torchrun's own exit after a forwarded stop
+    results = [json.loads((tmp_path / f"stop-rank-{r}.json").read_text()) for r in (0, 1)]
+    assert results[0]["stopped_at"] == results[1]["stopped_at"] and "error" not in results[0], results
+    assert results[0]["who"] in ("rank 0", "rank 1", "ranks 0, 1")
+
+
 # ----------------------------------------------------------------------------- launch variables
 def test_no_launch_variables_is_one_process_without_a_process_group():
     ctx = D.init_from_env(_cfg(), env={})
