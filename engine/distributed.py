@@ -169,7 +169,9 @@ def init_from_env(cfg, env: Optional[Mapping[str, str]] = None) -> DistContext:
     """Join the job torchrun started (gloo on CPU, NCCL + gloo on CUDA, timeout cfg.dist.timeout_s).
 
     World size 1 (plain `python -m engine train`, or torchrun with one process) creates no
-    process group. Raises DistributedError with one line on a bad launch.
+    process group. Raises DistributedError with one line on a bad launch. `env` (default
+    os.environ) is what is parsed; the process group itself always rendezvouses through
+    os.environ (env://, torchrun's store).
     """
     launch = read_launch_env(env)
     timeout_s = float(cfg.dist.timeout_s)
@@ -581,6 +583,30 @@ def describe_lost_ranks(run_dir: PathLike, ctx: DistContext, stale_after_s: Opti
             lost.append(f"rank {row['rank']} (host {row['host']}, pid {row['pid']}, last step {row['step']}, "
                         f"last heartbeat {row['age_s']:.0f} s ago)")
     return "lost " + "; ".join(lost) if lost else ""
+
+
+# ----------------------------------------------------------------------------- resume
+def gather_rng_states(ctx: DistContext, state: Any) -> list:
+    """Every rank's RNG state (engine.checkpoint.rng_state()), in rank order, for the checkpoint."""
+    return all_gather_object(state, ctx)
+
+
+def resume_progress(saved_world_size: Optional[int], world_size: int,
+                    epoch_progress: Optional[dict]) -> tuple[Optional[dict], Optional[str]]:
+    """(the epoch progress to resume with, a warning for the log or None).
+
+    A stop in the middle of an epoch counts batches of one particular split of the data over the
+    ranks; with another number of processes that split is different, so the interrupted epoch is
+    trained again from its start (the checkpoint's `epoch` is the last completed one). Checkpoints
+    without `world_size` were written by one process.
+    """
+    saved = int(saved_world_size or 1)
+    if saved == world_size:
+        return epoch_progress, None
+    where = (f"epoch {epoch_progress['epoch']} restarts from its first batch" if epoch_progress
+             else "from the next epoch")
+    return None, (f"resuming a run trained on {saved} process(es) with {world_size}: {where}; "
+                  f"the global batch and the LR schedule are unchanged, data order and random draws differ")
 
 
 # ----------------------------------------------------------------------------- run names

@@ -287,6 +287,16 @@ def test_eval_batches_deal_out_the_one_process_batches():
     assert [D.eval_rounds(7, 2, 2), D.eval_rounds(3, 2, 3), D.eval_rounds(5, 1, 2)] == [2, 1, 3]
 
 
+def test_resume_with_another_world_size_restarts_the_interrupted_epoch():
+    progress = {"epoch": 3, "batches_done": 5, "start_step": 20}
+    assert D.resume_progress(2, 2, progress) == (progress, None)
+    assert D.resume_progress(None, 1, progress) == (progress, None)  # an old one-process checkpoint
+    kept, warning = D.resume_progress(2, 1, progress)
+    assert kept is None and warning.startswith("resuming a run trained on 2 process(es) with 1: epoch 3 restarts")
+    assert D.resume_progress(1, 4, None)[1].startswith("resuming a run trained on 1 process(es) with 4: from the next")
+    assert D.gather_rng_states(D.DistContext(), {"torch": 1}) == [{"torch": 1}]
+
+
 def test_merge_shards_restores_dataset_order_and_drops_repeats():
     def shard(ids):
         return ([{"image_id": i} for i in ids], [{"image_id": i, "scores": np.array([i / 10])} for i in ids])

@@ -5,7 +5,6 @@ part it hands to the module by our CLI's parser, so a flag torchrun would swallo
 """
 import os
 import re
-import shlex
 import stat
 import subprocess
 import sys
