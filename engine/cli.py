@@ -21,12 +21,17 @@ def _add_train(sub) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--config", metavar="FILE", help="YAML config (e.g. configs/demo_cpu.yaml)")
     src.add_argument("--resume", metavar="RUN", help="continue RUN from checkpoints/RUN/last.pth")
-    p.add_argument("--run", metavar="NAME", help="run name (default: <config stem>-<YYYYmmdd-HHMMSS>)")
+    p.add_argument("--run", "--run-name", dest="run", metavar="NAME",
+                   help="run name (default: <config stem>-<YYYYmmdd-HHMMSS>); --run-name also passes through torchrun")
     p.add_argument("--data", metavar="DIR", help="dataset root (sets data.root)")
     p.add_argument("--device", metavar="D", help="auto, cpu, cuda or cuda:N (sets train.device)")
     p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
                    help="override one config value, e.g. --set train.epochs=3 (repeatable)")
     p.add_argument("--runs-dir", metavar="DIR", help="runs folder (default: run.runs_dir of the config, 'runs')")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="processes (GPUs) on this machine; N > 1 starts the run with torchrun")
+    p.add_argument("--max-restarts", type=int, default=0, metavar="N",
+                   help="torchrun restarts a failed job up to N times; it resumes from last.pth")
     p.set_defaults(func=cmd_train)
 
 
@@ -100,10 +105,27 @@ def cmd_train(args) -> int:
             cfg.run.runs_dir = args.runs_dir
         run_name = validate_run_name(args.run) if args.run else None
         resume = False
+    if args.nproc != 1 or args.max_restarts:
+        _launch_torchrun(args, cfg, run_name)
     from engine.train import train  # torch is imported only now
 
     result = train(cfg, run_name, resume=resume)
     return 0 if result.get("state") in ("completed", "stopped") else 1
+
+
+def _launch_torchrun(args, cfg, run_name) -> None:
+    """Replace this process with torchrun running the same command on --nproc processes."""
+    from engine import distributed_launch
+
+    raw = list(getattr(args, "raw_argv", None) or [])
+    train_args = raw[raw.index("train") + 1:] if "train" in raw else raw
+    if not run_name and not args.resume:
+        from engine.train import default_run_name
+
+        run_name = default_run_name(cfg)
+    cmd = distributed_launch.train_launch_command(train_args, run_name)
+    if cmd is not None:
+        distributed_launch.exec_torchrun(cmd)
 
 
 def cmd_synth(args) -> int:
@@ -146,6 +168,7 @@ def cmd_report(args) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    args.raw_argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return int(args.func(args) or 0)
     except EngineError as exc:

@@ -130,6 +130,13 @@ class EvalConfig:
 
 
 @dataclass
+class DistConfig:
+    """Multi-process training under torchrun (engine/distributed.py); ignored in a single process."""
+    timeout_s: float = 1800.0  # how long a collective waits for the other ranks before the run fails
+    find_unused_parameters: bool = False  # DDP option; every Faster R-CNN parameter is used in each step
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -140,6 +147,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     source: str = field(default="", metadata={"internal": True})  # the file this came from
 
     def to_dict(self) -> dict:
@@ -193,6 +201,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "eval.iou_threshold": (lambda v: 0 < v < 1, "between 0 and 1"),
     "eval.batch_size": (lambda v: v >= 1, ">= 1"),
     "eval.probe_images": (lambda v: 0 <= v <= 64, "between 0 and 64"),
+    "dist.timeout_s": (lambda v: 10 <= v <= 86400, "between 10 and 86400 seconds"),
 }
 
 
