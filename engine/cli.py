@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -144,19 +145,45 @@ def cmd_report(args) -> int:
     return 0
 
 
+def one_line(text: str) -> str:
+    """The first non-empty line of an error message (a user sees one line, never a traceback)."""
+    return next((line.strip() for line in str(text).splitlines() if line.strip()), "")
+
+
+def end_loader_workers() -> None:
+    """Make the process able to exit after a command: end DataLoader workers still alive.
+
+    A loader iterator kept alive by an exception's traceback never shuts its workers down, and the
+    workers ignore SIGTERM (engine.train.seed_worker), so multiprocessing's exit handler would
+    `terminate()` them without effect and then wait for them forever. The command is over: SIGKILL
+    the workers left, then collect garbage so the iterators' own shutdown finds them gone."""
+    if "multiprocessing" not in sys.modules:
+        return
+    import gc
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        child.kill()
+        child.join(timeout=10)
+    gc.collect()
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except EngineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
-        if args.command != "train":
+        if os.environ.get("ENGINE_TRACEBACK"):
             raise
         # train() has logged the traceback to train.log and marked the run failed
-        print(f"error: {type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr)
+        hint = "" if args.command == "train" else " (unexpected; set ENGINE_TRACEBACK=1 to see where)"
+        print(f"error: {type(exc).__name__}: {one_line(exc)}{hint}", file=sys.stderr)
         return 1
+    finally:
+        end_loader_workers()
