@@ -29,11 +29,21 @@ class CheckpointError(EngineError):
 
 
 def save_checkpoint(path: Union[str, Path], obj: dict) -> Path:
-    """Serialize to memory, then write atomically (tmp in the same folder, fsync, os.replace)."""
+    """Serialize to memory, then write atomically (tmp in the same folder, fsync, os.replace).
+
+    A failed write (disk full, quota, read-only folder) removes the temp file, leaves the
+    previous file at `path` untouched and raises CheckpointError naming the file and the cause."""
     path = Path(path)
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    size_mb = buffer.getbuffer().nbytes / 2**20
+    try:
+        atomic_write_bytes(path, buffer.getvalue())
+    except OSError as exc:
+        cause = exc.strerror or type(exc).__name__
+        kept = "the previous file is unchanged" if path.exists() else "no file was written"
+        raise CheckpointError(f"{path}: cannot write the checkpoint ({size_mb:.1f} MB): {cause} "
+                              f"[errno {exc.errno}]; {kept}") from None
     fsync_dir(path.parent)
     return path
 

@@ -86,9 +86,10 @@ def cmd_train(args) -> int:
     from engine.config import load_config, validate_run_name
 
     device = [f"train.device={args.device}"] if args.device else []
-    if args.resume:
-        if args.config or args.run or args.data or args.overrides:
+    if args.resume is not None:
+        if args.config or args.run is not None or args.data or args.overrides:
             raise EngineError("--resume takes only --runs-dir and --device (the run keeps its config)")
+        validate_run_name(args.resume)
         from engine.train import load_run_config
 
         cfg = load_run_config(args.resume, args.runs_dir or "runs", device)
@@ -99,7 +100,7 @@ def cmd_train(args) -> int:
             cfg.data.root = args.data
         if args.runs_dir:
             cfg.run.runs_dir = args.runs_dir
-        run_name = validate_run_name(args.run) if args.run else None
+        run_name = validate_run_name(args.run) if args.run is not None else None
         resume = False
     from engine.train import train  # torch is imported only now
 

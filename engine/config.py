@@ -151,7 +151,7 @@ class Config:
 # key -> (predicate, description); checked after loading and after every override.
 _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "run.seed": (lambda v: v >= 0, ">= 0"),
-    "run.name": (lambda v: v is None or bool(RUN_NAME_RE.match(v)), "letters, digits, '-', '_', '.' only"),
+    "run.name": (lambda v: v is None or (bool(RUN_NAME_RE.fullmatch(v)) and v not in (".", "..")), "letters, digits, '-', '_', '.' only"),
     "data.num_workers": (lambda v: v >= 0, ">= 0"),
     "data.train_limit": (lambda v: v >= 0, ">= 0"),
     "data.valid_limit": (lambda v: v >= 0, ">= 0"),
@@ -329,6 +329,6 @@ def save_config(cfg: Config, path: Union[str, Path]) -> None:
 
 
 def validate_run_name(name: str) -> str:
-    if not name or not RUN_NAME_RE.match(name) or name in (".", ".."):
+    if not isinstance(name, str) or not RUN_NAME_RE.fullmatch(name) or name in (".", ".."):
         raise ConfigError(f"run name {name!r}: use letters, digits, '-', '_', '.' only")
     return name

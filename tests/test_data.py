@@ -232,3 +232,59 @@ def test_to_coco_gt_works_with_pycocotools(plates_real):
     x, y, w, h = first["bbox"]
     assert np.allclose([x, y, x + w, y + h], record.boxes[0], atol=1e-4)
     assert to_coco_gt(split.images[:2])["images"] == gt["images"][:2]
+
+
+# ----------------------------------------------------------------------------- damaged image files
+def corrupt_png_same_size(src, dest):
+    """`src` re-encoded as PNG with bytes flipped inside its pixel data: header, size and the IEND
+    end marker are intact, so only a full decode finds the damage."""
+    import io
+
+    buf = io.BytesIO()
+    Image.open(src).convert("RGB").save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    start = data.index(b"IDAT") + 2000
+    for k in range(start, start + 200):
+        data[k] ^= 0x5A
+    dest.write_bytes(bytes(data))
+
+
+def test_truncated_jpeg_and_png_are_refused_at_load(tmp_path, plates_real, real_images):
+    write_split(tmp_path, plates_real, real_images, [])
+    image_path = tmp_path / "valid" / real_images[2][0]
+    data = image_path.read_bytes()
+    image_path.write_bytes(data[: len(data) // 3])  # headers intact, data cut
+    assert_error(tmp_path, "valid", image_path, "image id 2", "truncated JPEG")
+    buf = __import__("io").BytesIO()
+    Image.open(plates_real / "valid" / real_images[2][0]).save(buf, format="PNG")
+    image_path.write_bytes(buf.getvalue()[:-200])
+    assert_error(tmp_path, "valid", image_path, "image id 2", "truncated PNG")
+    image_path.write_bytes(data + b"\0" * 100)  # padding after the end marker is fine
+    assert len(load_split(tmp_path, "valid").images) == 3
+
+
+def test_duplicate_file_name(tmp_path, plates_real, real_images):
+    (name, w, h), other = real_images[0], real_images[1]
+    images = [{"id": 3, "file_name": name, "width": w, "height": h},
+              {"id": 4, "file_name": other[0], "width": other[1], "height": other[2]},
+              {"id": 9, "file_name": f"./{name}", "width": w, "height": h}]
+    path = write_split(tmp_path, plates_real, real_images[:2], [], images=images)
+    assert_error(tmp_path, "valid", path, "duplicate file_name", "image ids 3 and 9")
+
+
+def test_decode_error_in_a_loader_worker_is_one_line_naming_the_image(tmp_path, plates_real, real_images):
+    write_split(tmp_path, plates_real, real_images, [])
+    dataset = PlateDataset(load_split(tmp_path, "valid"), train=False)
+    bad = tmp_path / "valid" / real_images[1][0]
+    corrupt_png_same_size(plates_real / "valid" / real_images[1][0], bad)
+    assert len(load_split(tmp_path, "valid").images) == 3  # the cheap load-time checks pass
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=1, collate_fn=collate_fn)
+    with pytest.raises(DatasetError) as info:
+        list(loader)
+    message = str(info.value)
+    assert "\n" not in message and "Traceback" not in message
+    assert message.startswith(f"{bad}: unreadable image (image id 1): OSError")
+    assert message.endswith("(DataLoader worker process 0)")
+    import pickle
+
+    assert str(pickle.loads(pickle.dumps(info.value))) == message
