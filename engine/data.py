@@ -9,8 +9,9 @@ Roboflow quirks handled here:
 - boxes are xywh: converted to xyxy, clipped to the image, dropped (and counted) when their
   width or height is <= 1 px after clipping;
 - `iscrowd` is ignored: such annotations are kept as ordinary plates and counted.
-Every problem that would make training wrong (missing/malformed file, duplicate image id,
-unknown category, annotation for a missing image, missing or unreadable image) raises
+Every problem that would make training wrong (missing/malformed file, duplicate image id or
+file name, unknown category, annotation for a missing image, every box of a split dropped,
+missing, unreadable or truncated image) raises
 DatasetError with one line naming the file and the id.
 """
 from __future__ import annotations
@@ -244,6 +245,9 @@ def load_split(root: Union[str, Path], split: str) -> CocoSplit:
             clipped += 1
         boxes[ann["image_id"]].append(inside)
 
+    if annotations and dropped == len(annotations):
+        raise DatasetError(f"{ann_path}: all {dropped} boxes are degenerate or outside their images (width or "
+                           f"height <= {MIN_BOX_SIDE:g} px after clipping); COCO boxes are [x, y, width, height] in pixels")
     records: list[ImageRecord] = []
     for image_id, image in images.items():
         image_path = split_dir / image["file_name"]

@@ -288,3 +288,13 @@ def test_decode_error_in_a_loader_worker_is_one_line_naming_the_image(tmp_path, 
     import pickle
 
     assert str(pickle.loads(pickle.dumps(info.value))) == message
+
+
+def test_every_box_dropped_is_an_error(tmp_path, plates_real, real_images):
+    """Normalised (0..1) boxes or boxes of another image size: nothing would be left to learn from."""
+    normalised = [ann(i, i, [0.1, 0.2, 0.3, 0.1]) for i in range(3)]
+    path = write_split(tmp_path, plates_real, real_images, normalised)
+    assert_error(tmp_path, "valid", path, "all 3 boxes are degenerate or outside")
+    outside = [ann(0, 0, [5000, 5000, 40, 20])]
+    path = write_split(tmp_path, plates_real, real_images, outside)
+    assert_error(tmp_path, "valid", path, "all 1 boxes")
