@@ -169,22 +169,37 @@ def end_loader_workers() -> None:
     gc.collect()
 
 
+def close_progress_bars() -> None:
+    """Close the progress bars an exception left open, so the error line is not drawn over by them."""
+    if "tqdm" not in sys.modules:
+        return
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+def report_error(text: str) -> None:
+    close_progress_bars()
+    print(f"error: {text}", file=sys.stderr, flush=True)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except EngineError as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
+        report_error(one_line(exc))
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        report_error("interrupted")
         return 130
     except Exception as exc:
         if os.environ.get("ENGINE_TRACEBACK"):
             raise
         # train() has logged the traceback to train.log and marked the run failed
         hint = "" if args.command == "train" else " (unexpected; set ENGINE_TRACEBACK=1 to see where)"
-        print(f"error: {type(exc).__name__}: {one_line(exc)}{hint}", file=sys.stderr)
+        report_error(f"{type(exc).__name__}: {one_line(exc)}{hint}")
         return 1
     finally:
         end_loader_workers()

@@ -249,7 +249,11 @@ def _apply(obj: Any, data: dict, prefix: str, where: str) -> None:
             setattr(obj, key, _coerce(value, hints[key], full, where))
 
 
-def _check_ranges(cfg: Config, where: str) -> None:
+def _check_ranges(cfg: Config, where: str, set_keys: tuple = ()) -> None:
+    """Range checks; the error names the `--set` that gave the value, else the config file."""
+    def source(*keys: str) -> str:
+        return next((f"--set {k}" for k in reversed(set_keys) if k in keys), where)
+
     for key, (ok, desc) in _RANGES.items():
         value = get_value(cfg, key)
         try:
@@ -257,9 +261,10 @@ def _check_ranges(cfg: Config, where: str) -> None:
         except TypeError:
             good = False
         if not good:
-            raise ConfigError(f"{where}: {key} must be {desc}, got {value!r}")
+            raise ConfigError(f"{source(key)}: {key} must be {desc}, got {value!r}")
     if cfg.schedule.min_lr > cfg.optim.lr:
-        raise ConfigError(f"{where}: schedule.min_lr ({cfg.schedule.min_lr}) must not exceed optim.lr ({cfg.optim.lr})")
+        raise ConfigError(f"{source('schedule.min_lr', 'optim.lr')}: schedule.min_lr ({cfg.schedule.min_lr}) "
+                          f"must not exceed optim.lr ({cfg.optim.lr})")
 
 
 def get_value(cfg: Config, key: str) -> Any:
@@ -298,10 +303,12 @@ def _nest(key: str, value: Any) -> dict:
 def config_from_dict(data: dict, where: str = "<dict>", overrides: Optional[list[str]] = None) -> Config:
     cfg = Config(source=where)
     _apply(cfg, data or {}, "", where)
+    set_keys = []
     for text in overrides or []:
         key, value = parse_override(text)
         _apply(cfg, _nest(key, value), "", f"--set {key}")
-    _check_ranges(cfg, where)
+        set_keys.append(key)
+    _check_ranges(cfg, where, tuple(set_keys))
     return cfg
 
 

@@ -12,6 +12,7 @@ from engine.config import AugmentConfig
 from engine.data import (ANNOTATIONS_FILE, DatasetError, PlateDataset, check_dataset_root, collate_fn,
                          load_split, summarize_dataset, to_coco_gt)
 from engine.errors import EngineError
+from tests.conftest import corrupt_png_same_size
 
 ROBOFLOW_CATEGORIES = [
     {"id": 0, "name": "license-plates", "supercategory": "none"},
@@ -235,20 +236,6 @@ def test_to_coco_gt_works_with_pycocotools(plates_real):
 
 
 # ----------------------------------------------------------------------------- damaged image files
-def corrupt_png_same_size(src, dest):
-    """`src` re-encoded as PNG with bytes flipped inside its pixel data: header, size and the IEND
-    end marker are intact, so only a full decode finds the damage."""
-    import io
-
-    buf = io.BytesIO()
-    Image.open(src).convert("RGB").save(buf, format="PNG")
-    data = bytearray(buf.getvalue())
-    start = data.index(b"IDAT") + 2000
-    for k in range(start, start + 200):
-        data[k] ^= 0x5A
-    dest.write_bytes(bytes(data))
-
-
 def test_truncated_jpeg_and_png_are_refused_at_load(tmp_path, plates_real, real_images):
     write_split(tmp_path, plates_real, real_images, [])
     image_path = tmp_path / "valid" / real_images[2][0]
