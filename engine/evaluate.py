@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from engine import metrics
-from engine.config import load_config
+from engine.config import load_config, validate_run_name
 from engine.data import PlateDataset, load_split
 from engine.errors import EngineError
 from engine.model import count_parameters, load_model_from_checkpoint, resolve_device

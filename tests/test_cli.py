@@ -107,6 +107,24 @@ def test_predict_command(tiny_checkpoint, synth_root, tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "missing.pth" in r.stderr
 
 
+def test_evaluate_ignores_a_run_name_in_the_checkpoint_that_leaves_runs_dir(tiny_checkpoint, synth_root, tmp_path):
+    """The default output folder is runs/<run>/test/; a stored run name like '../../escaped' is not
+    trusted: the checkpoint's folder name is used instead."""
+    import torch
+
+    ckpt = torch.load(tiny_checkpoint, weights_only=True)
+    ckpt["run"] = "../../escaped"
+    ckpt["config"]["run"]["runs_dir"] = str(tmp_path / "work" / "runs")
+    path = tmp_path / "work" / "checkpoints" / "fine" / "best.pth"
+    path.parent.mkdir(parents=True)
+    torch.save(ckpt, path)
+    r = run_cli("evaluate", "--checkpoint", str(path), "--device", "cpu", "--data", str(synth_root), "--split", "test")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "work" / "runs" / "fine" / "test" / "metrics.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["checkpoints", "runs"]
+
+
 def test_image_that_fails_to_decode_in_a_loader_worker_ends_the_process(plates_real, tmp_path):
     """A train image whose pixel data is damaged (headers, size and end marker intact, so the
     load-time checks pass) fails inside a DataLoader worker: the process exits with one error
