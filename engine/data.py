@@ -318,11 +318,20 @@ class PlateDataset(torch.utils.data.Dataset):
         return len(self.records)
 
     def __getitem__(self, index: int):
+        """Any failure (decode, transform, out of memory) is a DatasetError naming the image, so a
+        DataLoader worker's error reaches the user as one line."""
         record = self.records[index]
         try:
             image = read_image(record.path)
         except Exception as exc:
             raise DatasetError(f"{record.path}: unreadable image (image id {record.id}): {_exc_line(exc)}") from None
+        try:
+            return self._item(record, image)
+        except Exception as exc:
+            raise DatasetError(f"{record.path}: cannot prepare the image (image id {record.id}): "
+                               f"{_exc_line(exc)}") from None
+
+    def _item(self, record: ImageRecord, image: Image.Image):
         boxes = tv_tensors.BoundingBoxes(torch.from_numpy(record.boxes.copy()).reshape(-1, 4),
                                          format=tv_tensors.BoundingBoxFormat.XYXY,
                                          canvas_size=(image.height, image.width), dtype=torch.float32)

@@ -285,3 +285,17 @@ def test_every_box_dropped_is_an_error(tmp_path, plates_real, real_images):
     outside = [ann(0, 0, [5000, 5000, 40, 20])]
     path = write_split(tmp_path, plates_real, real_images, outside)
     assert_error(tmp_path, "valid", path, "all 1 boxes")
+
+
+def test_a_failing_transform_names_the_image(tmp_path, plates_real, real_images):
+    write_split(tmp_path, plates_real, real_images, [])
+    dataset = PlateDataset(load_split(tmp_path, "valid"), train=False)
+
+    def out_of_memory(image, target):
+        raise MemoryError("cannot allocate 3 GiB")
+
+    dataset.transform = out_of_memory  # what a worker short of memory meets mid-transform
+    with pytest.raises(DatasetError) as info:
+        dataset[2]
+    assert str(info.value) == (f"{tmp_path / 'valid' / real_images[2][0]}: cannot prepare the image (image id 2): "
+                               f"MemoryError: cannot allocate 3 GiB")
