@@ -150,3 +150,39 @@ def test_image_that_fails_to_decode_in_a_loader_worker_ends_the_process(plates_r
     assert status["state"] == "failed" and status["error"] == errors[0][len("error: "):]
     assert not subprocess.run(["pgrep", "-f", f"--run bad-pixels --runs-dir {tmp_path}"],
                               capture_output=True).stdout.strip(), "a DataLoader worker outlived the run"
+
+
+def test_a_killed_loader_worker_fails_the_run_with_one_line(plates_real, tmp_path):
+    """SIGKILL to the DataLoader worker mid-epoch (the OOM killer's way): the run ends `failed`
+    with one line naming the worker, and the process exits."""
+    import signal
+    import time
+
+    from tests.conftest import TINY_RUN_SETTINGS, make_real_subset
+
+    data = make_real_subset(plates_real, tmp_path / "data", counts=(("train", 24), ("valid", 2), ("test", 2)))
+    settings = [s for s in TINY_RUN_SETTINGS if not s.startswith("data.num_workers")] + [
+        "data.num_workers=1", "train.epochs=3", "train.batch_size=1", f"data.root={data}",
+        f"run.checkpoints_dir={tmp_path / 'checkpoints'}"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "engine", "train", "--config", "configs/demo_cpu.yaml", "--run",
+                             "worker-killed", "--runs-dir", str(tmp_path / "runs"),
+                             *(x for s in settings for x in ("--set", s))],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    status_file = tmp_path / "runs" / "worker-killed" / "status.json"
+    worker = None
+    deadline = time.time() + 120
+    while worker is None and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        training = status_file.is_file() and "training epoch" in status_file.read_text()
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        worker = int(children[0]) if training and children else None
+    assert worker is not None, "the run never had a training worker"
+    os.kill(worker, signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=120)
+    shown = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", stderr)
+    errors = [line for line in shown.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 1 and "Traceback" not in stderr, stderr[-3000:]
+    assert len(errors) == 1 and f"DataLoader worker (pid {worker}) is killed by signal" in errors[0], errors
+    status = json.loads(status_file.read_text())
+    assert status["state"] == "failed" and "\n" not in status["error"] and f"pid {worker}" in status["error"]
