@@ -162,14 +162,23 @@ END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}
 END_TAIL_BYTES = 4096  # end marker searched in the last bytes (some writers pad after it)
 
 
-def _has_end_marker(image_path: Path, image_format: Optional[str]) -> bool:
+def _is_complete(image_path: Path, image_format: Optional[str]) -> bool:
+    """False for a cut JPEG/PNG. Cheap: the end marker in the last bytes; only a file without it
+    (e.g. a phone photo with a video appended after the JPEG) is decoded in full to decide."""
     marker = END_MARKERS.get(image_format or "")
     if marker is None:
         return True  # formats without a cheap end check are decoded only when used
     with open(image_path, "rb") as fh:
         fh.seek(0, 2)
         fh.seek(max(0, fh.tell() - END_TAIL_BYTES))
-        return marker in fh.read()
+        if marker in fh.read():
+            return True
+    try:
+        with Image.open(image_path) as im:
+            im.load()
+    except OSError:  # "image file is truncated", "broken data stream"
+        return False
+    return True
 
 
 def _check_image_file(image_path: Path, image: dict, ann_path: Path) -> None:
@@ -181,13 +190,13 @@ def _check_image_file(image_path: Path, image: dict, ann_path: Path) -> None:
     try:
         with Image.open(image_path) as im:
             size, image_format = im.size, im.format
-        complete = _has_end_marker(image_path, image_format)
+        complete = _is_complete(image_path, image_format)
     except Image.DecompressionBombError:
         raise DatasetError(f"{image_path}: image too large, refused as a decompression bomb ({where})") from None
     except Exception as exc:  # UnidentifiedImageError, OSError, truncated header...
         raise DatasetError(f"{image_path}: unreadable image ({where}): {_exc_line(exc)}") from None
     if not complete:
-        raise DatasetError(f"{image_path}: truncated {image_format} file (no end marker; {where})")
+        raise DatasetError(f"{image_path}: truncated {image_format} file ({where})")
     if size != (image["width"], image["height"]):
         raise DatasetError(f"{image_path}: image is {size[0]}x{size[1]} but {ann_path.name} says "
                            f"{image['width']}x{image['height']} (image id {image['id']})")

@@ -248,6 +248,8 @@ def test_truncated_jpeg_and_png_are_refused_at_load(tmp_path, plates_real, real_
     assert_error(tmp_path, "valid", image_path, "image id 2", "truncated PNG")
     image_path.write_bytes(data + b"\0" * 100)  # padding after the end marker is fine
     assert len(load_split(tmp_path, "valid").images) == 3
+    image_path.write_bytes(data + bytes(range(256)) * 64)  # 16 KB appended (a phone's motion-photo video)
+    assert len(load_split(tmp_path, "valid").images) == 3
 
 
 def test_duplicate_file_name(tmp_path, plates_real, real_images):
