@@ -243,6 +243,11 @@ class Case:
 CASES = [
     # --- datasets (train --data in/data)
     Case("ds-root-missing", train_on("in/nowhere"), "in/nowhere: dataset root not found", torch=True),
+    Case("ds-root-is-a-file", train_on("in/data.zip"), "in/data.zip: dataset root not found",
+         file("data.zip", b"PK\x03\x04 a zip, not a folder"), True),
+    Case("ds-evaluate-unknown-split", ["evaluate", "--checkpoint", "in/model.pth", "--device", "cpu", "--data",
+                                       "in/data", "--split", "nope"], "split folder 'nope' not found",
+         with_all(good_checkpoint(), dataset()), True),
     Case("ds-split-missing", train_on(), "split folder 'valid' not found", dataset(_remove("valid")), True),
     Case("ds-annotations-missing", train_on(), f"train/{ANN}: annotation file not found",
          dataset(_remove(f"train/{ANN}")), True),
@@ -347,6 +352,8 @@ CASES = [
          "not an image", with_all(good_checkpoint(), file("u.jpg", b"%PDF-1.4 not a photo" * 20)), True),
     Case("upload-bomb", ["predict", "--checkpoint", "in/model.pth", "--device", "cpu", "in/u.png"],
          "decompression bomb", with_all(good_checkpoint(), file("u.png", lambda: png_bomb(14_200))), True),
+    Case("upload-directory", ["predict", "--checkpoint", "in/model.pth", "--device", "cpu", "in/photos.jpg"],
+         "in/photos.jpg: file not found", with_all(good_checkpoint(), lambda inp: (inp / "photos.jpg").mkdir()), True),
     Case("upload-missing", ["predict", "--checkpoint", "in/model.pth", "--device", "cpu", "in/none.jpg"],
          "file not found", good_checkpoint(), True),
 ]
