@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 import random
+import re
 from pathlib import Path
 from typing import Any, Union
 
@@ -29,11 +31,21 @@ class CheckpointError(EngineError):
 
 
 def save_checkpoint(path: Union[str, Path], obj: dict) -> Path:
-    """Serialize to memory, then write atomically (tmp in the same folder, fsync, os.replace)."""
+    """Serialize to memory, then write atomically (tmp in the same folder, fsync, os.replace).
+
+    A failed write (disk full, quota, read-only folder) removes the temp file, leaves the
+    previous file at `path` untouched and raises CheckpointError naming the file and the cause."""
     path = Path(path)
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    size_mb = buffer.getbuffer().nbytes / 2**20
+    try:
+        atomic_write_bytes(path, buffer.getvalue())
+    except OSError as exc:
+        cause = exc.strerror or type(exc).__name__
+        kept = "the previous file is unchanged" if path.exists() else "no file was written"
+        raise CheckpointError(f"{path}: cannot write the checkpoint ({size_mb:.1f} MB): {cause} "
+                              f"[errno {exc.errno}]; {kept}") from None
     fsync_dir(path.parent)
     return path
 
@@ -44,12 +56,31 @@ def load_checkpoint(path: Union[str, Path], map_location: Any = "cpu") -> dict:
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # pickle / zip errors come in many types
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    except pickle.UnpicklingError as exc:
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if unsafe:
+            raise CheckpointError(f"{path}: refused: it would load the Python object {unsafe.group(1)} (only "
+                                  f"tensors and plain data are allowed; nothing in it was run)") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint, corrupt or truncated (UnpicklingError: "
+                              f"{_unpickler_reason(exc)})") from None
+    except Exception as exc:  # zip / storage errors come in many types
+        raise CheckpointError(f"{path}: not a readable checkpoint, corrupt or truncated "
+                              f"({type(exc).__name__}: {_first_sentence(exc)})") from None
     if not isinstance(obj, dict) or "model" not in obj:
         raise CheckpointError(f"{path}: not a plate-detector checkpoint (no 'model' entry)")
     return obj
+
+
+def _unpickler_reason(exc: BaseException) -> str:
+    """The reason torch gives after 'WeightsUnpickler error:' (its message runs to a paragraph)."""
+    found = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
+    return found.group(1).strip() if found else _first_sentence(exc)
+
+
+def _first_sentence(exc: BaseException) -> str:
+    """torch's load errors run to several sentences (and terminal colour codes): keep the first."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()
+    return re.split(r"(?<=[.!?])\s", text[0], maxsplit=1)[0] if text else ""
 
 
 # ----------------------------------------------------------------------------- RNG states

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -90,9 +91,10 @@ def cmd_train(args) -> int:
     from engine.config import load_config, validate_run_name
 
     device = [f"train.device={args.device}"] if args.device else []
-    if args.resume:
-        if args.config or args.run or args.data or args.overrides:
+    if args.resume is not None:
+        if args.config or args.run is not None or args.data or args.overrides:
             raise EngineError("--resume takes only --runs-dir and --device (the run keeps its config)")
+        validate_run_name(args.resume)
         from engine.train import load_run_config
 
         cfg = load_run_config(args.resume, args.runs_dir or "runs", device)
@@ -103,7 +105,7 @@ def cmd_train(args) -> int:
             cfg.data.root = args.data
         if args.runs_dir:
             cfg.run.runs_dir = args.runs_dir
-        run_name = validate_run_name(args.run) if args.run else None
+        run_name = validate_run_name(args.run) if args.run is not None else None
         resume = False
     if args.nproc != 1 or args.max_restarts:
         _launch_torchrun(args, cfg, run_name)
@@ -166,20 +168,61 @@ def cmd_report(args) -> int:
     return 0
 
 
+def one_line(text: str) -> str:
+    """The first non-empty line of an error message (a user sees one line, never a traceback)."""
+    return next((line.strip() for line in str(text).splitlines() if line.strip()), "")
+
+
+def end_loader_workers() -> None:
+    """Make the process able to exit after a command: end DataLoader workers still alive.
+
+    A loader iterator kept alive by an exception's traceback never shuts its workers down, and the
+    workers ignore SIGTERM (engine.train.seed_worker), so multiprocessing's exit handler would
+    `terminate()` them without effect and then wait for them forever. The command is over: SIGKILL
+    the workers left, then collect garbage so the iterators' own shutdown finds them gone."""
+    if "multiprocessing" not in sys.modules:
+        return
+    import gc
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        child.kill()
+        child.join(timeout=10)
+    gc.collect()
+
+
+def close_progress_bars() -> None:
+    """Close the progress bars an exception left open, so the error line is not drawn over by them."""
+    if "tqdm" not in sys.modules:
+        return
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+def report_error(text: str) -> None:
+    close_progress_bars()
+    print(f"error: {text}", file=sys.stderr, flush=True)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     args.raw_argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return int(args.func(args) or 0)
     except EngineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        report_error(one_line(exc))
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        report_error("interrupted")
         return 130
     except Exception as exc:
-        if args.command != "train":
+        if os.environ.get("ENGINE_TRACEBACK"):
             raise
         # train() has logged the traceback to train.log and marked the run failed
-        print(f"error: {type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr)
+        hint = "" if args.command == "train" else " (unexpected; set ENGINE_TRACEBACK=1 to see where)"
+        report_error(f"{type(exc).__name__}: {one_line(exc)}{hint}")
         return 1
+    finally:
+        end_loader_workers()

@@ -160,7 +160,7 @@ class Config:
 # key -> (predicate, description); checked after loading and after every override.
 _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "run.seed": (lambda v: v >= 0, ">= 0"),
-    "run.name": (lambda v: v is None or bool(RUN_NAME_RE.match(v)), "letters, digits, '-', '_', '.' only"),
+    "run.name": (lambda v: v is None or (bool(RUN_NAME_RE.fullmatch(v)) and v not in (".", "..")), "letters, digits, '-', '_', '.' only"),
     "data.num_workers": (lambda v: v >= 0, ">= 0"),
     "data.train_limit": (lambda v: v >= 0, ">= 0"),
     "data.valid_limit": (lambda v: v >= 0, ">= 0"),
@@ -260,7 +260,11 @@ def _apply(obj: Any, data: dict, prefix: str, where: str) -> None:
             setattr(obj, key, _coerce(value, hints[key], full, where))
 
 
-def _check_ranges(cfg: Config, where: str) -> None:
+def _check_ranges(cfg: Config, where: str, set_keys: tuple = ()) -> None:
+    """Range checks; the error names the `--set` that gave the value, else the config file."""
+    def source(*keys: str) -> str:
+        return next((f"--set {k}" for k in reversed(set_keys) if k in keys), where)
+
     for key, (ok, desc) in _RANGES.items():
         value = get_value(cfg, key)
         try:
@@ -268,9 +272,10 @@ def _check_ranges(cfg: Config, where: str) -> None:
         except TypeError:
             good = False
         if not good:
-            raise ConfigError(f"{where}: {key} must be {desc}, got {value!r}")
+            raise ConfigError(f"{source(key)}: {key} must be {desc}, got {value!r}")
     if cfg.schedule.min_lr > cfg.optim.lr:
-        raise ConfigError(f"{where}: schedule.min_lr ({cfg.schedule.min_lr}) must not exceed optim.lr ({cfg.optim.lr})")
+        raise ConfigError(f"{source('schedule.min_lr', 'optim.lr')}: schedule.min_lr ({cfg.schedule.min_lr}) "
+                          f"must not exceed optim.lr ({cfg.optim.lr})")
 
 
 def get_value(cfg: Config, key: str) -> Any:
@@ -309,10 +314,12 @@ def _nest(key: str, value: Any) -> dict:
 def config_from_dict(data: dict, where: str = "<dict>", overrides: Optional[list[str]] = None) -> Config:
     cfg = Config(source=where)
     _apply(cfg, data or {}, "", where)
+    set_keys = []
     for text in overrides or []:
         key, value = parse_override(text)
         _apply(cfg, _nest(key, value), "", f"--set {key}")
-    _check_ranges(cfg, where)
+        set_keys.append(key)
+    _check_ranges(cfg, where, tuple(set_keys))
     return cfg
 
 
@@ -340,6 +347,6 @@ def save_config(cfg: Config, path: Union[str, Path]) -> None:
 
 
 def validate_run_name(name: str) -> str:
-    if not name or not RUN_NAME_RE.match(name) or name in (".", ".."):
+    if not isinstance(name, str) or not RUN_NAME_RE.fullmatch(name) or name in (".", ".."):
         raise ConfigError(f"run name {name!r}: use letters, digits, '-', '_', '.' only")
     return name

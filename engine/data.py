@@ -9,14 +9,16 @@ Roboflow quirks handled here:
 - boxes are xywh: converted to xyxy, clipped to the image, dropped (and counted) when their
   width or height is <= 1 px after clipping;
 - `iscrowd` is ignored: such annotations are kept as ordinary plates and counted.
-Every problem that would make training wrong (missing/malformed file, duplicate image id,
-unknown category, annotation for a missing image, missing or unreadable image) raises
+Every problem that would make training wrong (missing/malformed file, duplicate image id or
+file name, unknown category, annotation for a missing image, every box of a split dropped,
+missing, unreadable or truncated image) raises
 DatasetError with one line naming the file and the id.
 """
 from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
@@ -37,7 +39,28 @@ MIN_BOX_SIDE = 1.0  # boxes with width or height <= this (after clipping) are dr
 
 
 class DatasetError(EngineError):
-    """A dataset problem; the message is one line naming the file and the id."""
+    """A dataset problem; the message is one line naming the file and the id.
+
+    A DataLoader worker's error comes back to the main process as
+    `DatasetError("Caught DatasetError in DataLoader worker process N.\nOriginal Traceback ...")`;
+    such a message is cut back to the worker's own one-line message plus the worker's number.
+    """
+
+    def __init__(self, message: str = "", *args: Any):
+        super().__init__(_worker_message(message) if isinstance(message, str) else message, *args)
+
+
+_WORKER_HEADER = re.compile(r"^Caught \w+ in (DataLoader worker process \d+)\.")
+_ERROR_LINE = re.compile(r"^(?:[\w.]+\.)?DatasetError: (.+)$")
+
+
+def _worker_message(message: str) -> str:
+    """The original one-line message inside a DataLoader worker's wrapped traceback text."""
+    header = _WORKER_HEADER.match(message)
+    if not header:
+        return message
+    lines = [m.group(1) for m in map(_ERROR_LINE.match, message.splitlines()) if m]
+    return f"{lines[-1]} ({header.group(1)})" if lines else message.splitlines()[0]
 
 
 @dataclass
@@ -64,6 +87,12 @@ class CocoSplit:
 
 
 # ----------------------------------------------------------------------------- parsing helpers
+def _exc_line(exc: BaseException) -> str:
+    """`Type: first line of the message` (Pillow's messages are short but may hold a path)."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -106,6 +135,7 @@ def _class_categories(path: Path, categories: list, annotated_ids: set) -> tuple
 
 def _parse_images(path: Path, images: list) -> dict[int, dict]:
     by_id: dict[int, dict] = {}
+    id_by_name: dict[str, int] = {}
     for index, img in enumerate(images):
         if not isinstance(img, dict) or not _is_int(img.get("id")):
             raise DatasetError(f"{path}: image #{index}: needs an integer 'id'")
@@ -116,6 +146,10 @@ def _parse_images(path: Path, images: list) -> dict[int, dict]:
         name = img.get("file_name")
         if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
             raise DatasetError(f"{path}: image id {image_id}: 'file_name' must be a relative file name, got {name!r}")
+        key = Path(name).as_posix()  # "./a.jpg" and "a.jpg" are the same file
+        if key in id_by_name:
+            raise DatasetError(f"{path}: duplicate file_name {name!r} (image ids {id_by_name[key]} and {image_id})")
+        id_by_name[key] = image_id
         for key in ("width", "height"):
             if not _is_int(img.get(key)) or img[key] <= 0:
                 raise DatasetError(f"{path}: image id {image_id}: '{key}' must be a positive integer, got {img.get(key)!r}")
@@ -123,18 +157,46 @@ def _parse_images(path: Path, images: list) -> dict[int, dict]:
     return by_id
 
 
+# Where a complete file ends: a cut file (headers intact, data missing) lacks its end marker.
+END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}
+END_TAIL_BYTES = 4096  # end marker searched in the last bytes (some writers pad after it)
+
+
+def _is_complete(image_path: Path, image_format: Optional[str]) -> bool:
+    """False for a cut JPEG/PNG. Cheap: the end marker in the last bytes; only a file without it
+    (e.g. a phone photo with a video appended after the JPEG) is decoded in full to decide."""
+    marker = END_MARKERS.get(image_format or "")
+    if marker is None:
+        return True  # formats without a cheap end check are decoded only when used
+    with open(image_path, "rb") as fh:
+        fh.seek(0, 2)
+        fh.seek(max(0, fh.tell() - END_TAIL_BYTES))
+        if marker in fh.read():
+            return True
+    try:
+        with Image.open(image_path) as im:
+            im.load()
+    except OSError:  # "image file is truncated", "broken data stream"
+        return False
+    return True
+
+
 def _check_image_file(image_path: Path, image: dict, ann_path: Path) -> None:
-    """Existence + a cheap header read (no full decode). Size must match the annotation file."""
+    """Existence, a header read and an end-marker check for JPEG/PNG (no full decode: cheap for
+    thousands of images). Size must match the annotation file."""
     where = f"image id {image['id']} in {ann_path.name}"
     if not image_path.is_file():
         raise DatasetError(f"{image_path}: image file not found ({where})")
     try:
         with Image.open(image_path) as im:
-            size = im.size
+            size, image_format = im.size, im.format
+        complete = _is_complete(image_path, image_format)
     except Image.DecompressionBombError:
         raise DatasetError(f"{image_path}: image too large, refused as a decompression bomb ({where})") from None
     except Exception as exc:  # UnidentifiedImageError, OSError, truncated header...
-        raise DatasetError(f"{image_path}: unreadable image ({where}): {exc.__class__.__name__}") from None
+        raise DatasetError(f"{image_path}: unreadable image ({where}): {_exc_line(exc)}") from None
+    if not complete:
+        raise DatasetError(f"{image_path}: truncated {image_format} file ({where})")
     if size != (image["width"], image["height"]):
         raise DatasetError(f"{image_path}: image is {size[0]}x{size[1]} but {ann_path.name} says "
                            f"{image['width']}x{image['height']} (image id {image['id']})")
@@ -192,6 +254,9 @@ def load_split(root: Union[str, Path], split: str) -> CocoSplit:
             clipped += 1
         boxes[ann["image_id"]].append(inside)
 
+    if annotations and dropped == len(annotations):
+        raise DatasetError(f"{ann_path}: all {dropped} boxes are degenerate or outside their images (width or "
+                           f"height <= {MIN_BOX_SIDE:g} px after clipping); COCO boxes are [x, y, width, height] in pixels")
     records: list[ImageRecord] = []
     for image_id, image in images.items():
         image_path = split_dir / image["file_name"]
@@ -262,11 +327,20 @@ class PlateDataset(torch.utils.data.Dataset):
         return len(self.records)
 
     def __getitem__(self, index: int):
+        """Any failure (decode, transform, out of memory) is a DatasetError naming the image, so a
+        DataLoader worker's error reaches the user as one line."""
         record = self.records[index]
         try:
             image = read_image(record.path)
         except Exception as exc:
-            raise DatasetError(f"{record.path}: unreadable image (image id {record.id}): {exc.__class__.__name__}") from None
+            raise DatasetError(f"{record.path}: unreadable image (image id {record.id}): {_exc_line(exc)}") from None
+        try:
+            return self._item(record, image)
+        except Exception as exc:
+            raise DatasetError(f"{record.path}: cannot prepare the image (image id {record.id}): "
+                               f"{_exc_line(exc)}") from None
+
+    def _item(self, record: ImageRecord, image: Image.Image):
         boxes = tv_tensors.BoundingBoxes(torch.from_numpy(record.boxes.copy()).reshape(-1, 4),
                                          format=tv_tensors.BoundingBoxFormat.XYXY,
                                          canvas_size=(image.height, image.width), dtype=torch.float32)

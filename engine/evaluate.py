@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from engine import metrics
-from engine.config import load_config
+from engine.config import load_config, validate_run_name
 from engine.data import PlateDataset, load_split
 from engine.errors import EngineError
 from engine.model import count_parameters, load_model_from_checkpoint, resolve_device
@@ -109,8 +109,17 @@ def _checkpoint_info(path: Path) -> dict:
     except Exception:
         ckpt = {}
     run = ckpt.get("run") if isinstance(ckpt, dict) else None
-    return {"run": run if isinstance(run, str) and run else path.parent.name,
-            "epoch": ckpt.get("epoch") if isinstance(ckpt, dict) else None}
+    names = [n for n in (run, path.resolve().parent.name) if isinstance(n, str) and _is_run_name(n)]
+    return {"run": names[0] if names else None, "epoch": ckpt.get("epoch") if isinstance(ckpt, dict) else None}
+
+
+def _is_run_name(name: str) -> bool:
+    """A name that stays inside runs_dir (a checkpoint's stored run name is not trusted)."""
+    try:
+        validate_run_name(name)
+    except EngineError:
+        return False
+    return True
 
 
 def _checkpoint_sizes(path: Path) -> dict:
@@ -209,6 +218,8 @@ def evaluate_checkpoint(checkpoint: Union[str, Path], config_path: Optional[Unio
     coco_split = load_split(root, split)
     if not coco_split.images:
         raise EvaluationError(f"{root / split}: the split has no images")
+    if not out and not info["run"]:
+        raise EvaluationError(f"{path}: cannot tell which run this checkpoint belongs to; pass --out DIR")
     out_dir = Path(out) if out else Path(ckpt_cfg.run.runs_dir) / info["run"] / TEST_DIR
     amp = bool(cfg.train.amp) and dev.type == "cuda"
     thr, iou = cfg.eval.score_threshold, cfg.eval.iou_threshold

@@ -174,9 +174,7 @@ def predict_files(checkpoint: Union[str, Path], paths: list, out: Optional[Union
     annotated copies are written as `<out>/<stem>_pred.jpg`.
     """
     predictor = Predictor(checkpoint, device=device)
-    out_dir = Path(out) if out else None
-    if out_dir:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out) if out else None  # created on the first annotated image: a failure writes nothing
     results, used_names = [], set()
     for path in paths:
         try:
@@ -196,6 +194,7 @@ def predict_files(checkpoint: Union[str, Path], paths: list, out: Optional[Union
                 stem = f"{Path(path).stem}_{n}"
             used_names.add(f"{stem}_pred.jpg")
             target = out_dir / f"{stem}_pred.jpg"
+            out_dir.mkdir(parents=True, exist_ok=True)
             draw_boxes(image, record["boxes"], record["scores"], score_threshold).save(target, quality=92)
             record["annotated"] = str(target)
         results.append(record)

@@ -21,6 +21,7 @@ from typing import Any, Optional
 import yaml
 
 from engine import runs
+from engine.config import validate_run_name
 from engine.errors import EngineError
 
 PROMPT = "✍️ *Your notes:*"  # marks what only the user can write
@@ -123,6 +124,7 @@ def loss_convergence(epochs: list[dict], steps: list[dict]) -> dict:
 
 def gather(run: str, runs_dir: str = "runs", checkpoints_dir: str = "checkpoints") -> dict:
     """Everything the report shows, read from the run's files (also used by the dashboard)."""
+    validate_run_name(run)  # a name with '/', '..' or an absolute path would leave runs_dir
     run_dir = runs.run_path(runs_dir, run)
     if not run_dir.is_dir():
         raise ReportError(f"run {run!r} not found under {runs_dir}/")

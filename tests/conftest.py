@@ -47,6 +47,22 @@ def make_real_subset(plates_real: Path, out: Path, counts=(("train", 8), ("valid
     return out
 
 
+def corrupt_png_same_size(src: Path, dest: Path) -> None:
+    """`src` re-encoded as PNG with bytes flipped inside its pixel data: header, size and the IEND
+    end marker are intact, so the dataset's load-time checks pass and only a full decode fails."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.open(src).convert("RGB").save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    start = data.index(b"IDAT") + 2000
+    for k in range(start, start + 200):
+        data[k] ^= 0x5A
+    dest.write_bytes(bytes(data))
+
+
 TINY_RUN_SETTINGS = [
     "model.name=fasterrcnn_mobilenet_v3_large_320_fpn", "model.weights=none",
     "input.train_sizes=[160]", "input.test_size=160", "input.max_size=224",

@@ -1,7 +1,9 @@
 """Checkpoint format and atomic writes (checkpoints and status.json)."""
+import errno
 import json
 import os
 import random
+import subprocess
 
 import numpy as np
 import pytest
@@ -56,7 +58,7 @@ def test_crash_mid_write_keeps_the_old_checkpoint(tmp_path, monkeypatch):
         raise OSError("disk full (simulated)")
 
     monkeypatch.setattr(os, "replace", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointError, match="last.pth: cannot write the checkpoint.*previous file is unchanged"):
         save_checkpoint(path, _ckpt(9.0))
     monkeypatch.undo()
     assert torch.equal(load_checkpoint(path)["model"]["weight"], before)
@@ -88,5 +90,47 @@ def test_bad_files_give_one_clear_error(tmp_path):
         load_checkpoint(other)
     evil = tmp_path / "evil.pth"
     torch.save({"model": {}, "obj": ckpt_mod.CheckpointError("x")}, evil)  # an arbitrary class: refused
-    with pytest.raises(CheckpointError, match="evil.pth"):
+    with pytest.raises(CheckpointError, match="evil.pth: refused: it would load the Python object engine.checkpoint.CheckpointError"):
         load_checkpoint(evil)
+
+
+def _weights(megabytes: float) -> dict:
+    return {"format": FORMAT, "model": {"w": torch.full((int(megabytes * 2**20) // 4,), megabytes)}}
+
+
+def _assert_failed_save_keeps_previous(path, old_mb: float, new_mb: float) -> str:
+    """Saving a `new_mb` checkpoint over an `old_mb` one fails on a full disk: one clear line, the
+    old file whole and loadable, no temp file left."""
+    with pytest.raises(CheckpointError) as info:
+        save_checkpoint(path, _weights(new_mb))
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{path}: cannot write the checkpoint")
+    assert "No space left on device [errno 28]" in message and "previous file is unchanged" in message
+    assert float(load_checkpoint(path)["model"]["w"][0]) == pytest.approx(old_mb)
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+    return message
+
+
+def test_disk_full_on_a_small_filesystem_keeps_the_previous_checkpoint(tmp_path):
+    """A real 1 MiB tmpfs: the new checkpoint does not fit next to the old one (mounting needs root)."""
+    small = tmp_path / "small"
+    small.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root); the write-hook test covers ENOSPC")
+    try:
+        save_checkpoint(small / "last.pth", _weights(0.3))
+        _assert_failed_save_keeps_previous(small / "last.pth", old_mb=0.3, new_mb=0.8)
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+def test_disk_full_at_fsync_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """ENOSPC after the temp file was created and written (what delayed allocation reports at fsync)."""
+    save_checkpoint(tmp_path / "last.pth", _weights(0.05))
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    _assert_failed_save_keeps_previous(tmp_path / "last.pth", old_mb=0.05, new_mb=0.1)

@@ -12,6 +12,7 @@ from engine.config import AugmentConfig
 from engine.data import (ANNOTATIONS_FILE, DatasetError, PlateDataset, check_dataset_root, collate_fn,
                          load_split, summarize_dataset, to_coco_gt)
 from engine.errors import EngineError
+from tests.conftest import corrupt_png_same_size
 
 ROBOFLOW_CATEGORIES = [
     {"id": 0, "name": "license-plates", "supercategory": "none"},
@@ -232,3 +233,71 @@ def test_to_coco_gt_works_with_pycocotools(plates_real):
     x, y, w, h = first["bbox"]
     assert np.allclose([x, y, x + w, y + h], record.boxes[0], atol=1e-4)
     assert to_coco_gt(split.images[:2])["images"] == gt["images"][:2]
+
+
+# ----------------------------------------------------------------------------- damaged image files
+def test_truncated_jpeg_and_png_are_refused_at_load(tmp_path, plates_real, real_images):
+    write_split(tmp_path, plates_real, real_images, [])
+    image_path = tmp_path / "valid" / real_images[2][0]
+    data = image_path.read_bytes()
+    image_path.write_bytes(data[: len(data) // 3])  # headers intact, data cut
+    assert_error(tmp_path, "valid", image_path, "image id 2", "truncated JPEG")
+    buf = __import__("io").BytesIO()
+    Image.open(plates_real / "valid" / real_images[2][0]).save(buf, format="PNG")
+    image_path.write_bytes(buf.getvalue()[:-200])
+    assert_error(tmp_path, "valid", image_path, "image id 2", "truncated PNG")
+    image_path.write_bytes(data + b"\0" * 100)  # padding after the end marker is fine
+    assert len(load_split(tmp_path, "valid").images) == 3
+    image_path.write_bytes(data + bytes(range(256)) * 64)  # 16 KB appended (a phone's motion-photo video)
+    assert len(load_split(tmp_path, "valid").images) == 3
+
+
+def test_duplicate_file_name(tmp_path, plates_real, real_images):
+    (name, w, h), other = real_images[0], real_images[1]
+    images = [{"id": 3, "file_name": name, "width": w, "height": h},
+              {"id": 4, "file_name": other[0], "width": other[1], "height": other[2]},
+              {"id": 9, "file_name": f"./{name}", "width": w, "height": h}]
+    path = write_split(tmp_path, plates_real, real_images[:2], [], images=images)
+    assert_error(tmp_path, "valid", path, "duplicate file_name", "image ids 3 and 9")
+
+
+def test_decode_error_in_a_loader_worker_is_one_line_naming_the_image(tmp_path, plates_real, real_images):
+    write_split(tmp_path, plates_real, real_images, [])
+    dataset = PlateDataset(load_split(tmp_path, "valid"), train=False)
+    bad = tmp_path / "valid" / real_images[1][0]
+    corrupt_png_same_size(plates_real / "valid" / real_images[1][0], bad)
+    assert len(load_split(tmp_path, "valid").images) == 3  # the cheap load-time checks pass
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=1, collate_fn=collate_fn)
+    with pytest.raises(DatasetError) as info:
+        list(loader)
+    message = str(info.value)
+    assert "\n" not in message and "Traceback" not in message
+    assert message.startswith(f"{bad}: unreadable image (image id 1): OSError")
+    assert message.endswith("(DataLoader worker process 0)")
+    import pickle
+
+    assert str(pickle.loads(pickle.dumps(info.value))) == message
+
+
+def test_every_box_dropped_is_an_error(tmp_path, plates_real, real_images):
+    """Normalised (0..1) boxes or boxes of another image size: nothing would be left to learn from."""
+    normalised = [ann(i, i, [0.1, 0.2, 0.3, 0.1]) for i in range(3)]
+    path = write_split(tmp_path, plates_real, real_images, normalised)
+    assert_error(tmp_path, "valid", path, "all 3 boxes are degenerate or outside")
+    outside = [ann(0, 0, [5000, 5000, 40, 20])]
+    path = write_split(tmp_path, plates_real, real_images, outside)
+    assert_error(tmp_path, "valid", path, "all 1 boxes")
+
+
+def test_a_failing_transform_names_the_image(tmp_path, plates_real, real_images):
+    write_split(tmp_path, plates_real, real_images, [])
+    dataset = PlateDataset(load_split(tmp_path, "valid"), train=False)
+
+    def out_of_memory(image, target):
+        raise MemoryError("cannot allocate 3 GiB")
+
+    dataset.transform = out_of_memory  # what a worker short of memory meets mid-transform
+    with pytest.raises(DatasetError) as info:
+        dataset[2]
+    assert str(info.value) == (f"{tmp_path / 'valid' / real_images[2][0]}: cannot prepare the image (image id 2): "
+                               f"MemoryError: cannot allocate 3 GiB")
