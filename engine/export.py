@@ -1,9 +1,12 @@
 """Export a checkpoint to ONNX (the whole detector), verify it against PyTorch, and run it with ONNX Runtime.
 
-The exported graph takes one image as float32 CHW RGB in [0, 1] of any height and width, and does
-what the PyTorch model does in eval mode: normalise, resize the shorter side to `size` (longer side
-capped at `max_size`), backbone + FPN, RPN, box head, NMS, and boxes scaled back to the input's pixels.
-Outputs: boxes (N, 4) xyxy, labels (N,), scores (N,), every box scoring >= the score floor (0.05).
+The exported graph takes one image as float32 CHW RGB in [0, 1], already resized so its shorter side
+is `size` (longer side capped at `max_size`), and does what the PyTorch model does in eval mode after
+that resize: normalise, pad, backbone + FPN, RPN, box head, NMS, clip to the image. Outputs: boxes
+(N, 4) xyxy in the resized image's pixels, labels (N,), scores (N,), every box scoring >= the score
+floor (0.05). The resize stays in Python (torchvision's own resize function, `resize_for_model`)
+because inside the graph the output size is computed in float32 and is 1 px short for some aspect
+ratios, which moves boxes by more than a pixel; `OnnxPredictor` resizes and scales the boxes back.
 
 Files: `<out>/<checkpoint stem>-<size>.onnx` and `<out>/<checkpoint stem>-<size>.json` (what was
 exported, the verification report). Both are written to temp names and renamed only after ONNX
@@ -12,11 +15,13 @@ a model without its JSON beside it is not a finished export (load_export refuses
 """
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
 import platform
 import time
+import types
 import warnings
 from contextlib import redirect_stdout
 from dataclasses import dataclass
@@ -74,6 +79,27 @@ def load_sized_model(checkpoint: PathLike, size: Optional[int] = None, device: s
     return model, cfg, size, max_size
 
 
+def resize_for_model(chw: torch.Tensor, size: int, max_size: int) -> torch.Tensor:
+    """The resize the PyTorch model does in eval mode (torchvision's function, bilinear)."""
+    from torchvision.models.detection.transform import _resize_image_and_masks
+
+    return _resize_image_and_masks(chw, int(size), int(max_size))[0]
+
+
+def scale_boxes_back(boxes: np.ndarray, resized_hw: tuple[int, int], original_hw: tuple[int, int]) -> np.ndarray:
+    """Boxes from the resized image to the original's pixels (float32 ratios, as torchvision computes them)."""
+    ratio_h = np.float32(original_hw[0]) / np.float32(resized_hw[0])
+    ratio_w = np.float32(original_hw[1]) / np.float32(resized_hw[1])
+    return (boxes.reshape(-1, 4) * np.array([ratio_w, ratio_h, ratio_w, ratio_h], dtype=np.float32)).astype(np.float32)
+
+
+def _without_resize(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the model whose transform keeps the input size (the caller resized already)."""
+    graph = copy.deepcopy(model).eval()
+    graph.transform.resize = types.MethodType(lambda self, image, target=None: (image, target), graph.transform)
+    return graph
+
+
 # ----------------------------------------------------------------------------- comparing detections
 def compare_detections(ref_boxes: np.ndarray, ref_scores: np.ndarray, got_boxes: np.ndarray,
                        got_scores: np.ndarray, threshold: float) -> dict:
@@ -95,23 +121,30 @@ def compare_detections(ref_boxes: np.ndarray, ref_scores: np.ndarray, got_boxes:
     order = np.argsort(-ref_scores, kind="mergesort")
     wanted = [i for rank, i in enumerate(order) if (ref_scores[i] >= threshold or rank < VERIFY_TOP_K)
               and ref_scores[i] >= SCORE_FLOOR + SCORE_TOLERANCE]  # boxes at the floor may drop out either side
-    free = np.ones(len(got_boxes), dtype=bool)
-    for i in wanted:
-        if not free.any():
-            out.update(ok=False, reason=f"box {i} (score {ref_scores[i]:.4f}) has no counterpart")
-            return out
-        diff = np.abs(got_boxes - ref_boxes[i]).max(axis=1)
-        diff[~free] = np.inf
-        j = int(np.argmin(diff))
-        score_diff = abs(float(got_scores[j]) - float(ref_scores[i]))
-        if diff[j] > BOX_TOLERANCE_PX or score_diff > SCORE_TOLERANCE:
+    if wanted and not len(got_boxes):
+        out.update(ok=False, reason=f"no boxes where {len(wanted)} were expected")
+        return out
+    # closest pairs first: near-duplicate boxes of an untrained model must not steal each other's match
+    box_diff = np.abs(got_boxes[None, :, :] - ref_boxes[wanted][:, None, :]).max(axis=2)
+    score_diff = np.abs(got_scores[None, :] - ref_scores[wanted][:, None])
+    cost = np.where(score_diff <= SCORE_TOLERANCE, box_diff, np.inf)
+    matched: dict[int, int] = {}
+    used = set()
+    for flat in np.argsort(cost, axis=None, kind="mergesort"):
+        r, g = divmod(int(flat), cost.shape[1])
+        if r in matched or g in used or not np.isfinite(cost[r, g]) or cost[r, g] > BOX_TOLERANCE_PX:
+            continue
+        matched[r] = g
+        used.add(g)
+    for r, i in enumerate(wanted):
+        if r not in matched:
+            g = int(np.argmin(box_diff[r]))
             out.update(ok=False, reason=f"box {i} (score {ref_scores[i]:.4f}): nearest box differs by "
-                                        f"{diff[j]:.2f} px, score by {score_diff:.4f}")
+                                        f"{box_diff[r, g]:.2f} px, score by {score_diff[r, g]:.4f}")
             return out
-        free[j] = False
-        out["compared"] += 1
-        out["max_box_px"] = max(out["max_box_px"], float(diff[j]))
-        out["max_score_diff"] = max(out["max_score_diff"], score_diff)
+        out["max_box_px"] = max(out["max_box_px"], float(box_diff[r, matched[r]]))
+        out["max_score_diff"] = max(out["max_score_diff"], float(score_diff[r, matched[r]]))
+    out["compared"] = len(wanted)
     return out
 
 
@@ -173,22 +206,26 @@ class OnnxPredictor:
         self.provider = provider
         self.input_name = self.session.get_inputs()[0].name
         self.test_size = int(self.meta["input"]["size"])
+        self.max_size = int(self.meta["input"]["max_size"])
         self.score_floor = float(self.meta.get("score_floor", SCORE_FLOOR))
 
-    def detect(self, chw: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float]:
-        """(boxes, scores sorted by score, model_ms, postprocess_ms) for one float32 CHW image in [0, 1]."""
+    def detect(self, chw: torch.Tensor) -> tuple[np.ndarray, np.ndarray, float, float]:
+        """(boxes in chw's pixels, scores sorted by score, model_ms, postprocess_ms) for one float32 CHW image
+        in [0, 1]; model_ms includes the resize to the model's input size."""
         start = time.perf_counter()
-        boxes, _labels, scores = self.session.run(None, {self.input_name: chw})
+        resized = resize_for_model(chw, self.test_size, self.max_size)
+        boxes, _labels, scores = self.session.run(None, {self.input_name: resized.numpy()})
         mid = time.perf_counter()
         keep = scores >= self.score_floor
-        boxes, scores = boxes.reshape(-1, 4)[keep], scores[keep]
+        boxes = scale_boxes_back(boxes.reshape(-1, 4)[keep], tuple(resized.shape[-2:]), tuple(chw.shape[-2:]))
+        scores = scores[keep]
         order = np.argsort(-scores, kind="mergesort")
         end = time.perf_counter()
         return boxes[order], scores[order], (mid - start) * 1000, (end - mid) * 1000
 
     def predict(self, image: Image.Image) -> dict:
         start = time.perf_counter()
-        chw = image_to_tensor(image).numpy()
+        chw = image_to_tensor(image)
         pre_ms = (time.perf_counter() - start) * 1000
         boxes, scores, model_ms, post_ms = self.detect(chw)
         total = (time.perf_counter() - start) * 1000
@@ -231,7 +268,7 @@ def verify_export(model: torch.nn.Module, predictor: OnnxPredictor, images, thre
     for name, image in images:
         tensor = image_to_tensor(image)
         ref_boxes, ref_scores, _, _ = infer(model, tensor, torch.device("cpu"))
-        got_boxes, got_scores, _, _ = predictor.detect(tensor.numpy())
+        got_boxes, got_scores, _, _ = predictor.detect(tensor)
         result = compare_detections(ref_boxes, ref_scores, got_boxes, got_scores, threshold)
         if not result["ok"]:
             raise ExportError(f"export not verified: ONNX Runtime and PyTorch disagree on {name}: {result['reason']} "
@@ -246,20 +283,27 @@ def verify_export(model: torch.nn.Module, predictor: OnnxPredictor, images, thre
 def _torch_export(model: torch.nn.Module, path: Path, opset: int) -> None:
     """TorchScript-based exporter (dynamo=False): it traces torchvision's detection models with their
     ONNX-specific code paths (dynamic resize, batched NMS)."""
-    example = torch.rand(3, model.transform.test_size, model.transform.test_size * 4 // 3)
+    size = model.transform.test_size
+    example = torch.rand(3, size, min(size * 4 // 3, model.transform.max_size))
     with warnings.catch_warnings(), redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, ([example],), str(path), dynamo=False, opset_version=opset,
+        torch.onnx.export(_without_resize(model), ([example],), str(path), dynamo=False, opset_version=opset,
                           input_names=["image"], output_names=["boxes", "labels", "scores"],
                           dynamic_axes={"image": {1: "height", 2: "width"}, "boxes": {0: "detections"},
                                         "labels": {0: "detections"}, "scores": {0: "detections"}})
 
 
-def _class_names(cfg, run: Optional[str]) -> list[str]:
-    from engine.runs import DATASET_FILE, read_json
-
-    summary = read_json(Path(cfg.run.runs_dir) / run / DATASET_FILE) if run else None
-    name = summary.get("category_name") if isinstance(summary, dict) else None
+def _class_names(cfg) -> list[str]:
+    """["__background__", <the category the training annotations use>] (default name: license_plate)."""
+    path = Path(cfg.data.root) / cfg.data.train_split / "_annotations.coco.json"
+    name = None
+    try:
+        coco = json.loads(path.read_text(encoding="utf-8"))
+        used = {a.get("category_id") for a in coco.get("annotations", []) if isinstance(a, dict)}
+        name = next((c.get("name") for c in coco.get("categories", []) if isinstance(c, dict) and c.get("id") in used),
+                    None)
+    except (OSError, ValueError, AttributeError):
+        pass
     return ["__background__", str(name or DEFAULT_CLASS_NAME)]
 
 
@@ -295,9 +339,10 @@ def export_onnx(checkpoint: PathLike, size: Optional[int] = None, out: Optional[
         except Exception as exc:
             raise ExportError(f"{checkpoint}: ONNX export failed ({exc.__class__.__name__}: "
                               f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
-        meta = {"format": META_FORMAT, "model": cfg.model.name, "class_names": _class_names(cfg, run),
-                "input": {"size": size, "max_size": max_size, "layout": "float32 CHW RGB in [0, 1], any height/width"},
-                "outputs": ["boxes (N,4) xyxy in input pixels", "labels (N,)", "scores (N,)"],
+        meta = {"format": META_FORMAT, "model": cfg.model.name, "class_names": _class_names(cfg),
+                "input": {"size": size, "max_size": max_size, "layout": "float32 CHW RGB in [0, 1], resized first: shorter side = size, "
+                                   "longer side <= max_size (torchvision's bilinear resize)"},
+                "outputs": ["boxes (N,4) xyxy in the resized input's pixels", "labels (N,)", "scores (N,)"],
                 "score_threshold": cfg.eval.score_threshold, "score_floor": SCORE_FLOOR,
                 "source_checkpoint": str(checkpoint.resolve()), "run": run, "opset": opset,
                 "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
