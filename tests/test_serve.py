@@ -37,11 +37,11 @@ def _free_port() -> int:
 class Server:
     """`python -m engine serve ...` in a subprocess; stopped with SIGTERM at the end."""
 
-    def __init__(self, args, host="127.0.0.1", token=None):
+    def __init__(self, args, log_dir: Path, host="127.0.0.1", token=None):
         self.port = _free_port()
         env = {k: v for k, v in os.environ.items() if k != "SERVE_TOKEN"}
         env.update(PYTHONPATH=str(ROOT), **({"SERVE_TOKEN": token} if token else {}))
-        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"serve-{self.port}.log", "w+")
+        self.log = open(log_dir / f"serve-{self.port}.log", "w+")
         self.proc = subprocess.Popen([sys.executable, "-m", "engine", "serve", *args, "--host", host,
                                       "--port", str(self.port)], cwd=ROOT, env=env, stdout=self.log,
                                      stderr=subprocess.STDOUT)
@@ -74,19 +74,19 @@ def checkpoint(plates_real, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(checkpoint):
+def server(checkpoint, tmp_path_factory):
     srv = Server(["--checkpoint", str(checkpoint), "--max-image-mb", str(MAX_IMAGE_MB),
-                  "--max-images", str(MAX_IMAGES)])
+                  "--max-images", str(MAX_IMAGES)], tmp_path_factory.mktemp("serve-log"))
     yield srv
     srv.stop()
 
 
 @pytest.fixture(scope="module")
 def exposed_onnx_server(checkpoint, tmp_path_factory):
-    """The exported model behind a token, bound to every interface (a non-loopback address)."""
+    """The exported model behind a token, bound to every interface (a non-loopback address), two workers."""
     out = tmp_path_factory.mktemp("serve-onnx")
     assert main(["export", "--checkpoint", str(checkpoint), "--out", str(out)]) == 0
-    srv = Server(["--onnx", str(out / "best-160.onnx")], host="0.0.0.0", token=TOKEN)
+    srv = Server(["--onnx", str(out / "best-160.onnx"), "--workers", "2"], out, host="0.0.0.0", token=TOKEN)
     yield srv
     srv.stop()
 
