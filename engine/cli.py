@@ -110,7 +110,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=1, metavar="N", help="uvicorn worker processes (each loads the model)")
-    p.add_argument("--threads", type=int, default=1, metavar="N", help="inference threads per worker")
+    p.add_argument("--threads", type=int, default=1, metavar="N", help="requests inferred at once per worker")
+    p.add_argument("--intra-threads", type=int, default=0, metavar="N", help="threads inside one inference "
+                   "(torch / ONNX Runtime; 0 = all cores); set it to the container's CPU limit")
     p.add_argument("--device", default="cpu", metavar="D")
     p.add_argument("--max-image-mb", type=float, default=10.0, metavar="MB", help="largest accepted upload per image")
     p.add_argument("--max-images", type=int, default=8, metavar="N", help="most images in one request")
@@ -217,7 +219,8 @@ def cmd_serve(args) -> int:
     from engine.serve import serve
 
     serve(checkpoint=args.checkpoint, onnx=args.onnx, host=args.host, port=args.port, workers=args.workers,
-          threads=args.threads, device=args.device, max_image_mb=args.max_image_mb, max_images=args.max_images)
+          threads=args.threads, device=args.device, max_image_mb=args.max_image_mb, max_images=args.max_images,
+          intra_threads=args.intra_threads)
     return 0
 
 

@@ -59,6 +59,7 @@ class ServeSettings:
     host: str = "127.0.0.1"
     device: str = "cpu"
     threads: int = 1
+    intra_threads: int = 0  # threads inside one inference (torch / ONNX Runtime); 0 = the library's default
     max_image_mb: float = 10.0
     max_images: int = 8
 
@@ -90,8 +91,9 @@ def check_settings(settings: ServeSettings, token: Optional[str]) -> None:
     if not is_loopback(settings.host) and not token:
         raise ServeError(f"refusing to listen on {settings.host} without a token: set {TOKEN_ENV} "
                          f"(clients send 'Authorization: Bearer <token>'), or bind to 127.0.0.1")
-    if settings.threads < 1 or settings.max_images < 1 or settings.max_image_mb <= 0:
-        raise ServeError("--threads and --max-images must be at least 1 and --max-image-mb above 0")
+    if settings.threads < 1 or settings.max_images < 1 or settings.max_image_mb <= 0 or settings.intra_threads < 0:
+        raise ServeError("--threads and --max-images must be at least 1, --intra-threads at least 0 "
+                         "and --max-image-mb above 0")
 
 
 # ----------------------------------------------------------------------------- the loaded model
@@ -99,10 +101,14 @@ class LoadedModel:
     """A Predictor or OnnxPredictor plus what /model reports about it."""
 
     def __init__(self, settings: ServeSettings):
+        if settings.intra_threads:
+            import torch
+
+            torch.set_num_threads(settings.intra_threads)
         if settings.onnx:
             from engine.export import OnnxPredictor
 
-            self.predictor = OnnxPredictor(settings.onnx, device=settings.device)
+            self.predictor = OnnxPredictor(settings.onnx, device=settings.device, threads=settings.intra_threads)
             meta = self.predictor.meta
             self.info = {"backend": "onnxruntime", "device": self.predictor.provider, "source": settings.onnx,
                          "model": meta.get("model"), "input_size": meta["input"]["size"],
@@ -228,7 +234,7 @@ def create_app(settings: ServeSettings, token: Optional[str] = None, model: Opti
     async def model_info():
         return {**model.info, "limits": {"max_image_mb": settings.max_image_mb, "max_images": settings.max_images,
                                          "max_request_mb": round(settings.max_request_bytes / 2**20, 2)},
-                "threads": settings.threads}
+                "threads": settings.threads, "intra_threads": settings.intra_threads}
 
     def decode_and_predict(name: str, data: bytes) -> dict:
         start = time.perf_counter()
@@ -275,12 +281,12 @@ def app_from_env():
 
 def serve(checkpoint: Optional[str] = None, onnx: Optional[str] = None, host: str = "127.0.0.1", port: int = 8000,
           workers: int = 1, threads: int = 1, device: str = "cpu", max_image_mb: float = 10.0,
-          max_images: int = 8) -> None:
+          max_images: int = 8, intra_threads: int = 0) -> None:
     """Check the settings, load the model (once per worker) and run uvicorn until interrupted."""
     import uvicorn
 
     settings = ServeSettings(checkpoint=checkpoint, onnx=onnx, host=host, device=device, threads=threads,
-                             max_image_mb=max_image_mb, max_images=max_images)
+                             intra_threads=intra_threads, max_image_mb=max_image_mb, max_images=max_images)
     token = os.environ.get(TOKEN_ENV) or None
     check_settings(settings, token)
     if workers < 1:

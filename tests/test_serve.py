@@ -86,7 +86,8 @@ def exposed_onnx_server(checkpoint, tmp_path_factory):
     """The exported model behind a token, bound to every interface (a non-loopback address), two workers."""
     out = tmp_path_factory.mktemp("serve-onnx")
     assert main(["export", "--checkpoint", str(checkpoint), "--out", str(out)]) == 0
-    srv = Server(["--onnx", str(out / "best-160.onnx"), "--workers", "2"], out, host="0.0.0.0", token=TOKEN)
+    srv = Server(["--onnx", str(out / "best-160.onnx"), "--workers", "2", "--intra-threads", "1"], out,
+                 host="0.0.0.0", token=TOKEN)
     yield srv
     srv.stop()
 
