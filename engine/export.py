@@ -24,7 +24,6 @@ import time
 import types
 import warnings
 from contextlib import redirect_stdout
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 

@@ -1,6 +1,5 @@
 """The prediction service as a real server process on a free port, called with a real HTTP client."""
 import io
-import json
 import os
 import socket
 import subprocess
@@ -225,3 +224,26 @@ def test_refuses_to_start_exposed_without_token(checkpoint, monkeypatch, capsys)
     check_settings(ServeSettings(checkpoint="x", host="0.0.0.0"), token="t")  # with a token it may start
     with pytest.raises(ServeError):
         check_settings(ServeSettings(checkpoint="x", host="192.168.1.5"), token=None)
+
+
+# ----------------------------------------------------------------------------- dashboard/service_client.py
+def test_service_client_against_the_running_service(server, exposed_onnx_server, photos):
+    from dashboard import service_client as client
+
+    assert client.health(server.url) and client.health(server.url.replace("http://", ""))
+    assert client.model_info(server.url)["backend"] == "pytorch"
+    answer = client.predict(server.url, [(p.name, p.read_bytes()) for p in photos[:2]], score_threshold=0.3)
+    first = client.as_prediction(answer["images"][0])
+    assert (first["width"], first["height"]) == load_image(photos[0]).size
+    assert first["boxes"] and len(first["boxes"]) == len(first["scores"]) and first["ms"] > 0
+    with pytest.raises(client.ServiceError, match=r"HTTP 422: notes.txt: not an image"):
+        client.predict(server.url, [("notes.txt", b"plain text")])
+    with pytest.raises(client.ServiceError, match="needs a valid token"):
+        client.model_info(exposed_onnx_server.url)
+    assert client.model_info(exposed_onnx_server.url, token=TOKEN)["backend"] == "onnxruntime"
+    closed = f"http://127.0.0.1:{_free_port()}"
+    assert not client.health(closed)
+    with pytest.raises(client.ServiceError, match="cannot connect"):
+        client.predict(closed, [("a.jpg", b"x")])
+    with pytest.raises(client.ServiceError, match="expected http://host:port"):
+        client.normalize_url("ftp://example.com")
