@@ -270,8 +270,11 @@ def verify_export(model: torch.nn.Module, predictor: OnnxPredictor, images, thre
         got_boxes, got_scores, _, _ = predictor.detect(tensor)
         result = compare_detections(ref_boxes, ref_scores, got_boxes, got_scores, threshold)
         if not result["ok"]:
+            ties = len(ref_scores) - len(np.unique(ref_scores))
+            hint = (f"; {ties} of {len(ref_scores)} PyTorch scores are exact ties, as from an untrained model, "
+                    f"and NMS may keep either of two equal boxes" if ties else "")
             raise ExportError(f"export not verified: ONNX Runtime and PyTorch disagree on {name}: {result['reason']} "
-                              f"(tolerance {BOX_TOLERANCE_PX} px, score {SCORE_TOLERANCE})")
+                              f"(tolerance {BOX_TOLERANCE_PX} px, score {SCORE_TOLERANCE}){hint}")
         per_image.append({"image": name, **{k: v for k, v in result.items() if k not in ("ok", "reason")}})
     return {"box_tolerance_px": BOX_TOLERANCE_PX, "score_tolerance": SCORE_TOLERANCE, "threshold": threshold,
             "images": per_image, "max_box_px": max((r["max_box_px"] for r in per_image), default=0.0),
