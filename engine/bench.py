@@ -105,12 +105,16 @@ def bench_onnx(predictor, image: torch.Tensor, repeats: int) -> tuple[list[float
 
 
 def _onnx_for_size(checkpoint: Path, onnx: Optional[PathLike], size: int, tmp: Path) -> Path:
-    """The given export when it has this input size, else a fresh (verified) export into tmp."""
+    """The given export when it has this input size, else a fresh export into tmp, verified on the bench frame."""
     from engine.export import export_onnx, load_export
 
     if onnx and int(load_export(onnx)["input"]["size"]) == size:
         return Path(onnx)
-    return Path(export_onnx(checkpoint, size=size, out=tmp)["onnx_path"])
+    frame = tmp / "bench-frame.png"
+    if not frame.exists():
+        bench_image().save(frame)
+    # verified on the frame it is timed on (plus export's synthetic images), not on the run's photos
+    return Path(export_onnx(checkpoint, size=size, out=tmp, verify_images=[frame])["onnx_path"])
 
 
 def _machine(device: torch.device) -> dict:
@@ -131,24 +135,29 @@ def _machine(device: torch.device) -> dict:
 
 def _size_rows(checkpoint: Path, onnx, size: int, device: torch.device, repeats: int, batch_sizes, tmp: Path,
                image: torch.Tensor) -> list[dict]:
-    from engine.export import OnnxPredictor, available_providers, load_sized_model
+    from engine.export import ExportError, OnnxPredictor, available_providers, load_sized_model
 
     rows = []
     model, _cfg, size, _max = load_sized_model(checkpoint, size, device="cpu")
     rows.append(_row(size, "pytorch fp32", "cpu", *bench_pytorch(model, image, torch.device("cpu"), False, repeats,
                                                                   batch_sizes)))
-    onnx_path = _onnx_for_size(checkpoint, onnx, size, tmp)
-    predictor = OnnxPredictor(onnx_path, device="cpu", threads=torch.get_num_threads())
-    rows.append(_row(size, "onnxruntime", "cpu", *bench_onnx(predictor, image, repeats)))
+    try:
+        onnx_path = _onnx_for_size(checkpoint, onnx, size, tmp)
+    except ExportError as exc:  # the PyTorch rows still stand; the table says why ONNX Runtime is missing
+        onnx_path = None
+        rows.append({"size": size, "backend": "onnxruntime", "device": "cpu", "note": str(exc)})
+    if onnx_path:
+        predictor = OnnxPredictor(onnx_path, device="cpu", threads=torch.get_num_threads())
+        rows.append(_row(size, "onnxruntime", "cpu", *bench_onnx(predictor, image, repeats)))
     if device.type == "cuda":
         model = model.to(device)
         for fp16 in (False, True):
             rows.append(_row(size, f"pytorch {'fp16' if fp16 else 'fp32'}", "cuda",
                              *bench_pytorch(model, image, device, fp16, repeats, batch_sizes)))
-        if "CUDAExecutionProvider" in available_providers():
+        if onnx_path and "CUDAExecutionProvider" in available_providers():
             predictor = OnnxPredictor(onnx_path, device="cuda")
             rows.append(_row(size, "onnxruntime", "cuda", *bench_onnx(predictor, image, repeats)))
-        else:
+        elif onnx_path:
             rows.append({"size": size, "backend": "onnxruntime", "device": "cuda",
                          "note": "no CUDAExecutionProvider in this onnxruntime (install onnxruntime-gpu)"})
     anchor = rows[0]["latency_ms_median"]

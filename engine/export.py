@@ -1,12 +1,14 @@
 """Export a checkpoint to ONNX (the whole detector), verify it against PyTorch, and run it with ONNX Runtime.
 
-The exported graph takes one image as float32 CHW RGB in [0, 1], already resized so its shorter side
-is `size` (longer side capped at `max_size`), and does what the PyTorch model does in eval mode after
-that resize: normalise, pad, backbone + FPN, RPN, box head, NMS, clip to the image. Outputs: boxes
-(N, 4) xyxy in the resized image's pixels, labels (N,), scores (N,), every box scoring >= the score
-floor (0.05). The resize stays in Python (torchvision's own resize function, `resize_for_model`)
-because inside the graph the output size is computed in float32 and is 1 px short for some aspect
-ratios, which moves boxes by more than a pixel; `OnnxPredictor` resizes and scales the boxes back.
+The exported graph takes one image as float32 CHW, already normalised with the model's mean and
+std and resized so its shorter side is `size` (longer side capped at `max_size`), and does what the
+PyTorch model does in eval mode after that: pad, backbone + FPN, RPN, box head, NMS, clip to the
+image. Outputs: boxes (N, 4) xyxy in the resized image's pixels, labels (N,), scores (N,), every box
+scoring >= the score floor (0.05). Normalisation and resize stay in Python, done by torchvision's own
+GeneralizedRCNNTransform (`preprocess`), because inside the graph the resized size is computed in
+float32 and comes out 1 px short for some aspect ratios (boxes then move by more than a pixel), and
+because the same operations in the same order keep the backbone's input bit-identical to PyTorch's.
+`OnnxPredictor` preprocesses, runs the session and scales the boxes back to the input image.
 
 Files: `<out>/<checkpoint stem>-<size>.onnx` and `<out>/<checkpoint stem>-<size>.json` (what was
 exported, the verification report). Both are written to temp names and renamed only after ONNX
@@ -78,11 +80,18 @@ def load_sized_model(checkpoint: PathLike, size: Optional[int] = None, device: s
     return model, cfg, size, max_size
 
 
-def resize_for_model(chw: torch.Tensor, size: int, max_size: int) -> torch.Tensor:
-    """The resize the PyTorch model does in eval mode (torchvision's function, bilinear)."""
-    from torchvision.models.detection.transform import _resize_image_and_masks
+def make_preprocessor(size: int, max_size: int, mean, std):
+    """torchvision's own transform in eval mode; `preprocess` uses its normalize and resize."""
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-    return _resize_image_and_masks(chw, int(size), int(max_size))[0]
+    return GeneralizedRCNNTransform(min_size=int(size), max_size=int(max_size), image_mean=list(mean),
+                                    image_std=list(std)).eval()
+
+
+def preprocess(transform, chw: torch.Tensor) -> torch.Tensor:
+    """What the PyTorch model does to an image before padding: normalise, then resize (bilinear)."""
+    with torch.inference_mode():
+        return transform.resize(transform.normalize(chw), None)[0]
 
 
 def scale_boxes_back(boxes: np.ndarray, resized_hw: tuple[int, int], original_hw: tuple[int, int]) -> np.ndarray:
@@ -92,9 +101,10 @@ def scale_boxes_back(boxes: np.ndarray, resized_hw: tuple[int, int], original_hw
     return (boxes.reshape(-1, 4) * np.array([ratio_w, ratio_h, ratio_w, ratio_h], dtype=np.float32)).astype(np.float32)
 
 
-def _without_resize(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of the model whose transform keeps the input size (the caller resized already)."""
+def _graph_model(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the model whose transform neither normalises nor resizes (preprocess did both)."""
     graph = copy.deepcopy(model).eval()
+    graph.transform.normalize = types.MethodType(lambda self, image: image, graph.transform)
     graph.transform.resize = types.MethodType(lambda self, image, target=None: (image, target), graph.transform)
     return graph
 
@@ -206,13 +216,15 @@ class OnnxPredictor:
         self.input_name = self.session.get_inputs()[0].name
         self.test_size = int(self.meta["input"]["size"])
         self.max_size = int(self.meta["input"]["max_size"])
+        self.transform = make_preprocessor(self.test_size, self.max_size, self.meta["input"]["mean"],
+                                           self.meta["input"]["std"])
         self.score_floor = float(self.meta.get("score_floor", SCORE_FLOOR))
 
     def detect(self, chw: torch.Tensor) -> tuple[np.ndarray, np.ndarray, float, float]:
         """(boxes in chw's pixels, scores sorted by score, model_ms, postprocess_ms) for one float32 CHW image
-        in [0, 1]; model_ms includes the resize to the model's input size."""
+        in [0, 1]; model_ms includes normalising and resizing it."""
         start = time.perf_counter()
-        resized = resize_for_model(chw, self.test_size, self.max_size)
+        resized = preprocess(self.transform, chw)
         boxes, _labels, scores = self.session.run(None, {self.input_name: resized.numpy()})
         mid = time.perf_counter()
         keep = scores >= self.score_floor
@@ -276,6 +288,10 @@ def verify_export(model: torch.nn.Module, predictor: OnnxPredictor, images, thre
             raise ExportError(f"export not verified: ONNX Runtime and PyTorch disagree on {name}: {result['reason']} "
                               f"(tolerance {BOX_TOLERANCE_PX} px, score {SCORE_TOLERANCE}){hint}")
         per_image.append({"image": name, **{k: v for k, v in result.items() if k not in ("ok", "reason")}})
+    if not any(r["compared"] for r in per_image):
+        raise ExportError(f"export not verified: the model finds no box scoring >= {SCORE_FLOOR + SCORE_TOLERANCE:g} "
+                          f"on any of the {len(per_image)} verification images, so there is nothing to compare "
+                          f"(give --verify-images with plates)")
     return {"box_tolerance_px": BOX_TOLERANCE_PX, "score_tolerance": SCORE_TOLERANCE, "threshold": threshold,
             "images": per_image, "max_box_px": max((r["max_box_px"] for r in per_image), default=0.0),
             "max_score_diff": max((r["max_score_diff"] for r in per_image), default=0.0)}
@@ -289,7 +305,7 @@ def _torch_export(model: torch.nn.Module, path: Path, opset: int) -> None:
     example = torch.rand(3, size, min(size * 4 // 3, model.transform.max_size))
     with warnings.catch_warnings(), redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        torch.onnx.export(_without_resize(model), ([example],), str(path), dynamo=False, opset_version=opset,
+        torch.onnx.export(_graph_model(model), ([example],), str(path), dynamo=False, opset_version=opset,
                           input_names=["image"], output_names=["boxes", "labels", "scores"],
                           dynamic_axes={"image": {1: "height", 2: "width"}, "boxes": {0: "detections"},
                                         "labels": {0: "detections"}, "scores": {0: "detections"}})
@@ -342,8 +358,10 @@ def export_onnx(checkpoint: PathLike, size: Optional[int] = None, out: Optional[
             raise ExportError(f"{checkpoint}: ONNX export failed ({exc.__class__.__name__}: "
                               f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
         meta = {"format": META_FORMAT, "model": cfg.model.name, "class_names": _class_names(cfg),
-                "input": {"size": size, "max_size": max_size, "layout": "float32 CHW RGB in [0, 1], resized first: shorter side = size, "
-                                   "longer side <= max_size (torchvision's bilinear resize)"},
+                "input": {"size": size, "max_size": max_size, "mean": [float(v) for v in model.transform.image_mean],
+                          "std": [float(v) for v in model.transform.image_std],
+                          "layout": "float32 CHW RGB: (pixel / 255 - mean) / std, then resized (bilinear) so the "
+                                    "shorter side is size and the longer side <= max_size"},
                 "outputs": ["boxes (N,4) xyxy in the resized input's pixels", "labels (N,)", "scores (N,)"],
                 "score_threshold": cfg.eval.score_threshold, "score_floor": SCORE_FLOOR,
                 "source_checkpoint": str(checkpoint.resolve()), "run": run, "opset": opset,

@@ -55,3 +55,14 @@ def test_bench_bad_arguments(checkpoint, capsys):
     assert capsys.readouterr().err.startswith("error: --sizes '320x800': expected comma-separated integers")
     assert main(["bench", "--checkpoint", str(checkpoint), "--repeats", "0"]) == 2
     assert "--repeats 0: must be at least 1" in capsys.readouterr().err
+
+
+def test_bench_keeps_pytorch_rows_when_the_export_cannot_be_verified(checkpoint, tmp_path, monkeypatch):
+    from engine import export as export_mod
+
+    monkeypatch.setattr(export_mod, "BOX_TOLERANCE_PX", -1.0)  # no box can match: the export fails verification
+    result = run_bench(checkpoint, sizes="96", repeats=1, batch_sizes="1", out=tmp_path / "b.json")
+    torch_row, onnx_row = result["rows"]
+    assert torch_row["backend"] == "pytorch fp32" and torch_row["latency_ms_median"] > 0
+    assert onnx_row["backend"] == "onnxruntime" and onnx_row["note"].startswith("export not verified")
+    assert format_table(result).splitlines()[-1].startswith("| 96 | onnxruntime | cpu | — | — | — | export not verified")
