@@ -300,7 +300,7 @@ def verify_export(model: torch.nn.Module, predictor: OnnxPredictor, images, thre
 # ----------------------------------------------------------------------------- export
 def _torch_export(model: torch.nn.Module, path: Path, opset: int) -> None:
     """TorchScript-based exporter (dynamo=False): it traces torchvision's detection models with their
-    ONNX-specific code paths (dynamic resize, batched NMS)."""
+    ONNX-specific code paths (any image height and width, batched NMS)."""
     size = model.transform.test_size
     example = torch.rand(3, size, min(size * 4 // 3, model.transform.max_size))
     with warnings.catch_warnings(), redirect_stdout(io.StringIO()):
