@@ -1,4 +1,4 @@
-"""Command line: python -m engine train|synth|evaluate|predict|report.
+"""Command line: python -m engine train|synth|evaluate|predict|report|export|bench|serve.
 
 Heavy modules (torch, the evaluation and report code) are imported inside each command, so a
 config error is reported in a fraction of a second and the CLI works before every module exists.
@@ -78,10 +78,58 @@ def _add_report(sub) -> None:
     p.set_defaults(func=cmd_report)
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export a checkpoint to ONNX, verified against PyTorch",
+                       description="Export the whole detector to ONNX and check ONNX Runtime against PyTorch.")
+    p.add_argument("--checkpoint", required=True, metavar="FILE")
+    p.add_argument("--format", default="onnx", choices=["onnx"])
+    p.add_argument("--size", type=int, metavar="PX", help="shorter side the model resizes to (default: the "
+                   "checkpoint's input.test_size)")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: <checkpoint dir>/export)")
+    p.add_argument("--opset", type=int, default=17, metavar="N")
+    p.add_argument("--verify-images", nargs="+", metavar="IMAGE", help="images to verify on (default: the "
+                   "first photos of the checkpoint's test split); synthetic images are always added")
+    p.set_defaults(func=cmd_export)
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="inference benchmark: PyTorch and ONNX Runtime latency and images/s",
+                       description="Measure batch-1 latency and throughput; prints a table and writes "
+                                   "runs/<run>/bench.json.")
+    p.add_argument("--checkpoint", required=True, metavar="FILE")
+    p.add_argument("--onnx", metavar="MODEL", help="an exported model (used for its size; other sizes are exported "
+                   "to a temporary folder)")
+    p.add_argument("--sizes", default="320,800", metavar="A,B", help="input sizes (shorter side), default 320,800")
+    p.add_argument("--device", default="cpu", metavar="D", help="cpu or cuda (cuda adds the fp16 and ORT CUDA rows)")
+    p.add_argument("--repeats", type=int, default=30, metavar="N", help="timed runs per measurement")
+    p.add_argument("--batch-sizes", default="1,2,4,8", metavar="A,B", help="batch sizes tried for images/s")
+    p.add_argument("--out", metavar="FILE", help="JSON output (default: runs/<run>/bench.json)")
+    p.set_defaults(func=cmd_bench)
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="HTTP prediction service (FastAPI + uvicorn)",
+                       description="POST /predict, GET /health, GET /model, OpenAPI docs at /docs. A bearer "
+                                   "token (env SERVE_TOKEN) is required when bound to a non-loopback address.")
+    p.add_argument("--checkpoint", metavar="FILE", help="PyTorch checkpoint (or give --onnx)")
+    p.add_argument("--onnx", metavar="MODEL", help="an exported ONNX model, run with ONNX Runtime")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=1, metavar="N", help="uvicorn worker processes (each loads the model)")
+    p.add_argument("--threads", type=int, default=1, metavar="N", help="requests inferred at once per worker")
+    p.add_argument("--intra-threads", type=int, default=0, metavar="N", help="threads inside one inference "
+                   "(torch / ONNX Runtime; 0 = all cores); set it to the container's CPU limit")
+    p.add_argument("--device", default="cpu", metavar="D")
+    p.add_argument("--max-image-mb", type=float, default=10.0, metavar="MB", help="largest accepted upload per image")
+    p.add_argument("--max-images", type=int, default=8, metavar="N", help="most images in one request")
+    p.set_defaults(func=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m engine", description="License-plate detector engine.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_train, _add_synth, _add_evaluate, _add_predict, _add_report):
+    for add in (_add_train, _add_synth, _add_evaluate, _add_predict, _add_report, _add_export, _add_bench,
+                _add_serve):
         add(sub)
     return parser
 
@@ -165,6 +213,38 @@ def cmd_report(args) -> int:
 
     path = write_report(args.run, runs_dir=args.runs_dir, checkpoints_dir=args.checkpoints_dir, out=args.out)
     print(path)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from engine.export import export_onnx
+
+    result = export_onnx(args.checkpoint, size=args.size, out=args.out, opset=args.opset,
+                         verify_images=args.verify_images)
+    check = result["verification"]
+    print(f"{result['onnx_path']}: verified on {len(check['images'])} images (max box difference "
+          f"{check['max_box_px']:.2g} px, max score difference {check['max_score_diff']:.2g}; tolerance "
+          f"{check['box_tolerance_px']} px / {check['score_tolerance']})")
+    print(result["meta_path"])
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from engine.bench import format_table, run_bench
+
+    result = run_bench(args.checkpoint, onnx=args.onnx, sizes=args.sizes, device=args.device, repeats=args.repeats,
+                       batch_sizes=args.batch_sizes, out=args.out)
+    print(format_table(result))
+    print(result["path"])
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from engine.serve import serve
+
+    serve(checkpoint=args.checkpoint, onnx=args.onnx, host=args.host, port=args.port, workers=args.workers,
+          threads=args.threads, device=args.device, max_image_mb=args.max_image_mb, max_images=args.max_images,
+          intra_threads=args.intra_threads)
     return 0
 
 
