@@ -69,11 +69,8 @@ def estimate_eta(status: dict, now: float) -> Optional[float]:
 
 def best_from_epochs(epochs: list[dict]) -> tuple[Optional[float], Optional[int]]:
     """(best val mAP@0.5, its epoch) among epoch records; earliest epoch on ties."""
-    scored = [e for e in epochs if isinstance(e.get("val_map50"), (int, float))]
-    if not scored:
-        return None, None
-    best = max(scored, key=lambda e: (e["val_map50"], -e["epoch"]))
-    return float(best["val_map50"]), int(best["epoch"])
+    best = runs.best_epoch_record(epochs)
+    return (float(best["val_map50"]), int(best["epoch"])) if best else (None, None)
 
 
 def build_row(run_dir: Path, now: Optional[float] = None) -> RunRow:
@@ -82,7 +79,7 @@ def build_row(run_dir: Path, now: Optional[float] = None) -> RunRow:
     state = runs.effective_state(status, now) if status else "unknown"
     best = status.get("best") or {}
     best_map, best_epoch = best.get("map50"), best.get("epoch")
-    if best_map is None:  # older status or no status: fall back to the metrics file
+    if best_map is None:  # no status, or one written before the first validation: read the metrics file
         _, epochs = runs.read_metrics(run_dir)
         best_map, best_epoch = best_from_epochs(epochs)
     return RunRow(
