@@ -240,7 +240,7 @@ def test_test_summary_thresholds_samples_and_probes(tmp_path):
     groups = rd.samples(run)
     assert groups["good"][0]["path"].is_file()
     assert {i["kind"] for i in groups["challenging"]} == {"missed", "false_positive", "low_iou"}
-    missed = next(i for i in groups["challenging"] if i["kind"] == "missed")
+    missed = next(i for i in groups["challenging"] if i["kind"] == "missed" and i["pred_count"] == 0)
     assert rd.sample_caption(missed).startswith(f"{missed['file_name']} · missed · ground truth 1 · predicted 0")
     assert rd.probe_epochs(run) == [1, 2]
     images = rd.probe_images(run, 2)
