@@ -39,6 +39,14 @@ class RunRow:
         return self.state in RESUMABLE
 
 
+LIVE_POLL = "3s"  # how often the Runs table refreshes while a run is queued or running
+
+
+def poll_interval(rows: list[RunRow]) -> Optional[str]:
+    """The Runs table's refresh interval: LIVE_POLL while a run is alive, else None (no polling)."""
+    return LIVE_POLL if any(r.alive for r in rows) else None
+
+
 def run_duration(status: dict, now: float) -> Optional[float]:
     """Seconds from start to end (or to now while alive, to the last heartbeat otherwise)."""
     started = status.get("started_at")
