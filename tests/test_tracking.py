@@ -63,3 +63,10 @@ def test_make_recorder_writes_jsonl_and_tensorboard_in_the_run_folder(tmp_path):
     rec.close()
     assert runs.read_metrics(tmp_path)[1][0]["val_map50"] == 0.5
     assert _scalars(tmp_path, "val/mAP50")[1] == [(4, 0.5)]
+
+
+def test_a_disabled_recorder_writes_nothing(tmp_path):
+    rec = make_recorder(tmp_path, enabled=False)
+    rec.record_step(1, 1, loss=1.0)
+    rec.close()
+    assert list(tmp_path.iterdir()) == []
