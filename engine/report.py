@@ -304,7 +304,7 @@ def _dataset(info: dict, images: dict) -> list[str]:
         rows.append([f"**{s.capitalize()} Set**", f"{fmt.number(d.get('images'))} images, {fmt.number(d.get('boxes'))} "
                      f"boxes, {fmt.number(d.get('empty_images'))} without plates, "
                      f"{fmt.number(d.get('dropped_boxes'))} boxes dropped"])
-    rows += [["**Classes**", f"1 ({ds.get('category_name') or 'license_plate'})"],
+    rows += [["**Classes**", "1 (license plate)"],
              ["**Annotations**", f"{fmt.number(total_boxes)} bounding boxes" if splits else "—"]]
     return ["## 📁 Dataset Information\n", _table(["Metric", "Value"], rows)]
 
