@@ -16,31 +16,16 @@ SUMMARY_COLUMNS = (("images", "images"), ("boxes", "boxes"), ("empty_images", "e
 
 
 def splits_from_file(data: Any) -> dict[str, dict]:
-    """{split: summary} from a run's dataset.json, whether flat or under a `splits` key."""
+    """{split: summary} from a run's dataset.json (the trainer writes {split: summary})."""
     if not isinstance(data, dict):
         return {}
-    node = data.get("splits") if isinstance(data.get("splits"), dict) else data
-    return {k: v for k, v in node.items() if isinstance(v, dict) and ("images" in v or "boxes" in v)}
+    return {k: v for k, v in data.items() if isinstance(v, dict)}
 
 
 def read_run_dataset(run_dir: Path) -> tuple[dict[str, dict], Optional[str]]:
-    """(summaries per split, dataset root) from runs/<run>/dataset.json (+ config.yaml for the root)."""
-    data = runs.read_json(run_dir / runs.DATASET_FILE)
-    root = data.get("root") if isinstance(data, dict) else None
-    if not root:
-        root = config_data_root(run_dir)
-    return splits_from_file(data), root
-
-
-def config_data_root(run_dir: Path) -> Optional[str]:
-    import yaml
-
-    try:
-        cfg = yaml.safe_load((run_dir / runs.CONFIG_FILE).read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError):
-        return None
-    root = (cfg.get("data") or {}).get("root") if isinstance(cfg, dict) else None
-    return str(root) if root else None
+    """(summaries per split from runs/<run>/dataset.json, data.root from runs/<run>/config.yaml)."""
+    root = (runs.read_config(run_dir).get("data") or {}).get("root")
+    return splits_from_file(runs.read_json(run_dir / runs.DATASET_FILE)), str(root) if root else None
 
 
 def summary_table(splits: dict[str, dict]) -> list[dict]:

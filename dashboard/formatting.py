@@ -5,7 +5,7 @@ import datetime as dt
 import math
 from typing import Any, Optional
 
-from engine.report import format_number
+from engine import formatting as engine_formatting
 
 STATE_COLORS = {  # Streamlit badge colours
     "queued": "blue", "running": "blue", "completed": "green", "stopped": "gray", "failed": "red",
@@ -38,7 +38,8 @@ def timestamp(ts: Optional[float]) -> str:
 
 
 def number(value: Any, digits: int = 3) -> str:
-    return format_number(value, digits)
+    """engine.formatting.number with 3 digits by default (the pages' metric cards)."""
+    return engine_formatting.number(value, digits)
 
 
 def state_badge(state: str) -> str:

@@ -1,12 +1,11 @@
 """The New run form's logic: which configs exist, the form's defaults, and the launch overrides."""
 from __future__ import annotations
 
-import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
-from engine.config import MODEL_NAMES, Config, ConfigError, load_config, validate_run_name
+from engine.config import (MODEL_NAMES, Config, ConfigError, default_run_name,  # noqa: F401  (the form's name)
+                           load_config, validate_run_name)
 
 from dashboard.settings import BASELINES_FILE, DEMO_CONFIG
 
@@ -20,11 +19,6 @@ def list_configs(configs_dir: Path) -> list[Path]:
     found = [p for p in configs_dir.iterdir()
              if p.suffix in (".yaml", ".yml") and p.is_file() and p.name != BASELINES_FILE]
     return sorted(found, key=lambda p: (p.name != DEMO_CONFIG, p.name))
-
-
-def default_run_name(config_path: Path, now: Optional[dt.datetime] = None) -> str:
-    now = now or dt.datetime.now()
-    return f"{config_path.stem}-{now.strftime('%Y%m%d-%H%M%S')}"
 
 
 @dataclass

@@ -1,59 +1,31 @@
 """The Results page's data: best metrics vs targets, epoch table, test results, curves, samples,
-probes, baselines, checkpoints and comparisons, all read from a run's files."""
+probes, baselines, checkpoints and comparisons, read from the files the engine writes
+(engine/runs.py names them; evaluate, probes and the report write them)."""
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from engine import report, runs
+from engine.formatting import params as params_text  # noqa: F401  (the page's parameter-count text)
+from engine.samples import sample_caption  # noqa: F401  (the page's sample captions)
+from engine.targets import TARGET_LABELS, TARGETS, load_baselines, met  # noqa: F401  (re-exported for the page)
 
-from engine import runs
-from engine.report import load_baselines  # noqa: F401  (re-exported for the Results page)
+from dashboard.series import _ANSI, log_tail
 
-from dashboard.settings import TARGETS
-
-TEST_METRICS_FILE = "metrics.json"
-PR_CURVE_FILE = "pr_curve.json"
-PRF_FILE = "prf_vs_confidence.json"
-SAMPLES_FILE = "samples.json"
-PROBES_INDEX = "index.json"
-TARGET_LABELS = {"map50": "mAP@0.5", "precision": "precision", "recall": "recall"}
+PR_CURVE_FILE = runs.PR_CURVE_FILE
+PRF_FILE = runs.PRF_FILE
 
 
 def _num(value: Any) -> Optional[float]:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def dig(d: Any, *paths: str) -> Any:
-    """The first value found among dotted paths ('speed.fps_batch1') in nested dicts, else None."""
-    for path in paths:
-        node = d
-        for part in path.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-            if node is None:
-                break
-        if node is not None:
-            return node
-    return None
-
-
 # ----------------------------------------------------------------------------- validation summary
-def best_epoch_record(epochs: list[dict]) -> Optional[dict]:
-    scored = [e for e in epochs if _num(e.get("val_map50")) is not None]
-    if not scored:
-        return None
-    return max(scored, key=lambda e: (e["val_map50"], -e["epoch"]))
-
-
-def met(value: Optional[float], target: float) -> Optional[bool]:
-    """True when value > target (the template's targets are strict), None when unknown."""
-    return None if value is None else value > target
-
-
 def summary(epochs: list[dict]) -> dict:
     """Best val mAP@0.5 and the precision/recall/F1 of that epoch, best epoch, total epochs."""
-    best = best_epoch_record(epochs) or {}
+    best = runs.best_epoch_record(epochs) or {}
     return {
         "map50": _num(best.get("val_map50")), "map50_95": _num(best.get("val_map50_95")),
         "precision": _num(best.get("val_precision")), "recall": _num(best.get("val_recall")),
@@ -88,41 +60,28 @@ def test_dir(run_dir: Path) -> Path:
 
 
 def read_test_metrics(run_dir: Path) -> Optional[dict]:
-    data = runs.read_json(test_dir(run_dir) / TEST_METRICS_FILE)
+    data = runs.read_json(test_dir(run_dir) / runs.TEST_METRICS_FILE)
     return data if isinstance(data, dict) else None
 
 
 def test_summary(metrics: dict) -> dict:
-    """The headline test numbers, whatever nesting the evaluator used."""
-    ms = _num(dig(metrics, "ms_per_image", "speed.ms_per_image", "speed.total_ms"))
-    fps = _num(dig(metrics, "fps", "speed.fps_batch1", "speed.fps"))
-    if fps is None and ms:
-        fps = 1000.0 / ms
+    """The headline numbers of test/metrics.json (engine/evaluate.py writes them)."""
+    speed = metrics.get("speed") or {}
     return {
-        "map50": _num(dig(metrics, "map50")), "map50_95": _num(dig(metrics, "map50_95")),
-        "map75": _num(dig(metrics, "map75")),
-        "precision": _num(dig(metrics, "precision", "at_threshold.precision", "deployment.precision")),
-        "recall": _num(dig(metrics, "recall", "at_threshold.recall", "deployment.recall")),
-        "f1": _num(dig(metrics, "f1", "at_threshold.f1", "deployment.f1")),
-        "ms_per_image": ms, "fps": fps,
-        "params": dig(metrics, "params", "num_params", "parameters"),
-        "images": dig(metrics, "images", "num_images"),
-        "device": dig(metrics, "device_name", "device"),
+        "map50": _num(metrics.get("map50")), "map50_95": _num(metrics.get("map50_95")),
+        "map75": _num(metrics.get("map75")), "precision": _num(metrics.get("precision")),
+        "recall": _num(metrics.get("recall")), "f1": _num(metrics.get("f1")),
+        "ms_per_image": _num(metrics.get("ms_per_image")), "fps": _num(speed.get("fps_batch1")),
+        "params": metrics.get("params"), "images": metrics.get("num_images"),
+        "device": metrics.get("device_name") or metrics.get("device"),
     }
 
 
 def thresholds(metrics: Optional[dict]) -> dict:
-    """{'deployment': t, 'max F1': t} found in test metrics.json (missing ones left out)."""
-    out = {}
-    dep = _num(dig(metrics or {}, "score_threshold", "deployment_threshold", "at_threshold.threshold",
-                   "deployment.threshold"))
-    best = _num(dig(metrics or {}, "best_f1.threshold", "max_f1.threshold", "at_max_f1.threshold",
-                    "best_f1_threshold", "max_f1_threshold"))
-    if dep is not None:
-        out["deployment"] = dep
-    if best is not None:
-        out["max F1"] = best
-    return out
+    """{'deployment': t, 'max F1': t} from test/metrics.json (missing ones left out)."""
+    found = {"deployment": _num((metrics or {}).get("score_threshold")),
+             "max F1": _num(((metrics or {}).get("best_f1") or {}).get("threshold"))}
+    return {k: v for k, v in found.items() if v is not None}
 
 
 def read_curve(run_dir: Path, name: str) -> Optional[dict]:
@@ -132,7 +91,7 @@ def read_curve(run_dir: Path, name: str) -> Optional[dict]:
 
 def samples(run_dir: Path) -> dict[str, list[dict]]:
     """{'good': [...], 'challenging': [...]} with `path` set to the drawn image when it exists."""
-    data = runs.read_json(test_dir(run_dir) / SAMPLES_FILE)
+    data = runs.read_json(test_dir(run_dir) / runs.SAMPLES_FILE)
     out: dict[str, list[dict]] = {}
     if not isinstance(data, dict):
         return out
@@ -141,80 +100,42 @@ def samples(run_dir: Path) -> dict[str, list[dict]]:
         for item in data.get(group) or []:
             if not isinstance(item, dict):
                 continue
-            rel = item.get("file") or item.get("image_file") or item.get("drawn")
+            rel = item.get("file")
             path = test_dir(run_dir) / rel if rel else None
             items.append({**item, "path": path if path and path.is_file() else None})
         out[group] = items
     return out
 
 
-def sample_caption(item: dict) -> str:
-    parts = [str(item.get("file_name") or item.get("image_id") or "?")]
-    if item.get("gt_count") is not None:
-        parts.append(f"gt {item['gt_count']}")
-    if item.get("pred_count") is not None:
-        parts.append(f"pred {item['pred_count']}")
-    if _num(item.get("iou")) is not None:
-        parts.append(f"IoU {item['iou']:.2f}")
-    if _num(item.get("confidence")) is not None:
-        parts.append(f"conf {item['confidence']:.2f}")
-    if item.get("kind"):
-        parts.append(str(item["kind"]))
-    if item.get("reasons"):
-        parts.append(", ".join(map(str, item["reasons"])))
-    return " · ".join(parts)
-
-
 # ----------------------------------------------------------------------------- probes
-_EPOCH_DIR = re.compile(r"^epoch_(\d+)$")
+def _probe_index(run_dir: Path) -> dict:
+    index = runs.read_json(run_dir / runs.PROBES_DIR / runs.PROBES_INDEX)
+    return index if isinstance(index, dict) else {}
 
 
 def probe_epochs(run_dir: Path) -> list[int]:
-    """Epochs with a probes/epoch_NNN folder, ascending."""
-    root = run_dir / runs.PROBES_DIR
-    if not root.is_dir():
-        return []
-    found = []
-    for child in root.iterdir():
-        m = _EPOCH_DIR.match(child.name)
-        if m and child.is_dir():
-            found.append(int(m.group(1)))
-    return sorted(found)
+    """Epochs listed in probes/index.json (engine/probes.py rewrites it after each epoch), ascending."""
+    return sorted(e for e in _probe_index(run_dir).get("epochs") or [] if isinstance(e, int))
 
 
 def probe_images(run_dir: Path, epoch: int) -> list[tuple[Path, str]]:
-    """(thumbnail, caption) for one epoch; captions from probes/index.json when it has them."""
-    folder = run_dir / runs.PROBES_DIR / f"epoch_{epoch:03d}"
-    if not folder.is_dir():
-        return []
-    index = runs.read_json(run_dir / runs.PROBES_DIR / PROBES_INDEX)
-    names = {}
-    dets = {}
-    if isinstance(index, dict):
-        for img in index.get("images") or []:
-            if isinstance(img, dict) and img.get("id") is not None:
-                names[str(img["id"])] = img.get("file_name") or str(img["id"])
-        per_epoch = index.get("detections") or {}
-        if isinstance(per_epoch, dict):
-            dets = per_epoch.get(str(epoch)) or per_epoch.get(f"{epoch:03d}") or {}
+    """(thumbnail, caption) for one epoch from probes/index.json; thumbnails not (yet) on disk are left out."""
+    index = _probe_index(run_dir)
+    names = {str(img["id"]): img.get("file_name") or str(img["id"])
+             for img in index.get("images") or [] if isinstance(img, dict) and "id" in img}
+    detections = (index.get("detections") or {}).get(str(epoch)) or {}
     out = []
-    for thumb in sorted(folder.glob("*.jpg")) + sorted(folder.glob("*.png")):
-        caption = names.get(thumb.stem, thumb.stem)
-        d = dets.get(thumb.stem) if isinstance(dets, dict) else None
-        scores = d.get("scores") if isinstance(d, dict) else None
-        if isinstance(scores, list):
-            caption += f" · {len(scores)} box(es)" + (f", top {max(scores):.2f}" if scores else "")
-        out.append((thumb, caption))
+    for image_id, det in detections.items():
+        path = run_dir / runs.PROBES_DIR / str(det.get("file", ""))
+        if not det.get("file") or not path.is_file():
+            continue
+        scores = det.get("scores") or []
+        caption = f"{names.get(image_id, image_id)} · {len(scores)} box(es)" + (f", top {max(scores):.2f}" if scores else "")
+        out.append((path, caption))
     return out
 
 
 # ----------------------------------------------------------------------------- baselines, checkpoints
-def params_text(value: Any) -> str:
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 1000:
-        return f"{value / 1e6:.1f}M"
-    return "—" if value in (None, "") else str(value)
-
-
 def baseline_table(our_name: str, our: dict, baselines: list[dict]) -> list[dict]:
     """Our measured row first, then the quoted references."""
     rows = [{"model": f"ours ({our_name})", "mAP@0.5": _num(our.get("map50")),
@@ -234,8 +155,8 @@ def checkpoint_rows(ckpt_dir: Path, status: dict) -> list[dict]:
         return []
     best = (status or {}).get("best") or {}
     descriptions = {
-        runs.BEST_CKPT: f"best val mAP@0.5" + (f" (epoch {best['epoch']})" if best.get("epoch") else ""),
-        runs.LAST_CKPT: f"last completed epoch" + (f" ({status['epoch']})" if status.get("epoch") else "")
+        runs.BEST_CKPT: "best val mAP@0.5" + (f" (epoch {best['epoch']})" if best.get("epoch") else ""),
+        runs.LAST_CKPT: "last completed epoch" + (f" ({status['epoch']})" if status.get("epoch") else "")
                         + "; resume point",
     }
     rows = []
@@ -268,26 +189,13 @@ def deltas(a: dict, b: dict, keys=COMPARE_KEYS) -> list[dict]:
     return rows
 
 
-# ----------------------------------------------------------------------------- log
+# ----------------------------------------------------------------------------- log, report
 def log_excerpt(log_path: Path, max_lines: int = 40) -> str:
-    """The report's excerpt (banner, new-best, early-stop, summary lines) or the log's tail."""
-    try:
-        from engine.report import log_excerpt as report_excerpt
-
-        lines = report_excerpt(log_path, max_lines=max_lines)
-        if lines:
-            return "\n".join(_clean(line) for line in lines)
-    except Exception:  # the report module is optional for this page
-        pass
-    from dashboard.series import log_tail
-
+    """The report's excerpt (banner, new-best, early-stop, summary lines) or else the log's tail."""
+    lines = report.log_excerpt(log_path, max_lines=max_lines)
+    if lines:
+        return "\n".join(_ANSI.sub("", line) for line in lines)
     return log_tail(log_path, max_lines=max_lines)
-
-
-def _clean(line: str) -> str:
-    from dashboard.series import _ANSI
-
-    return _ANSI.sub("", line)
 
 
 @dataclass
@@ -298,23 +206,7 @@ class ReportFiles:
 
 
 def build_report(run: str, runs_dir: Path, checkpoints_dir: Path, out: Path) -> ReportFiles:
-    """engine.report.write_report -> RESULTS.md text and a zip with its images.
-
-    Raises ImportError when engine/report.py is missing, EngineError for a run it cannot report."""
-    import io
-    import zipfile
-
-    from engine import report
-
-    md_path = Path(report.write_report(run, runs_dir=str(runs_dir), checkpoints_dir=str(checkpoints_dir),
-                                       out=str(out)))
-    if hasattr(report, "report_zip"):
-        data = report.report_zip(md_path)
-    else:
-        buf = io.BytesIO()
-        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-            for p in sorted(md_path.parent.rglob("*")):
-                if p.is_file():
-                    zf.write(p, p.relative_to(md_path.parent).as_posix())
-        data = buf.getvalue()
-    return ReportFiles(markdown=md_path.read_text(encoding="utf-8"), zip_bytes=data, path=md_path)
+    """engine.report.write_report -> RESULTS.md text and the zip with its images; EngineError for a bad run."""
+    md_path = report.write_report(run, runs_dir=str(runs_dir), checkpoints_dir=str(checkpoints_dir), out=str(out))
+    return ReportFiles(markdown=md_path.read_text(encoding="utf-8"), zip_bytes=report.report_zip(md_path),
+                       path=md_path)

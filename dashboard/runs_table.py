@@ -39,6 +39,14 @@ class RunRow:
         return self.state in RESUMABLE
 
 
+LIVE_POLL = "3s"  # how often the Runs table refreshes while a run is queued or running
+
+
+def poll_interval(rows: list[RunRow]) -> Optional[str]:
+    """The Runs table's refresh interval: LIVE_POLL while a run is alive, else None (no polling)."""
+    return LIVE_POLL if any(r.alive for r in rows) else None
+
+
 def run_duration(status: dict, now: float) -> Optional[float]:
     """Seconds from start to end (or to now while alive, to the last heartbeat otherwise)."""
     started = status.get("started_at")
@@ -69,11 +77,8 @@ def estimate_eta(status: dict, now: float) -> Optional[float]:
 
 def best_from_epochs(epochs: list[dict]) -> tuple[Optional[float], Optional[int]]:
     """(best val mAP@0.5, its epoch) among epoch records; earliest epoch on ties."""
-    scored = [e for e in epochs if isinstance(e.get("val_map50"), (int, float))]
-    if not scored:
-        return None, None
-    best = max(scored, key=lambda e: (e["val_map50"], -e["epoch"]))
-    return float(best["val_map50"]), int(best["epoch"])
+    best = runs.best_epoch_record(epochs)
+    return (float(best["val_map50"]), int(best["epoch"])) if best else (None, None)
 
 
 def build_row(run_dir: Path, now: Optional[float] = None) -> RunRow:
@@ -82,7 +87,7 @@ def build_row(run_dir: Path, now: Optional[float] = None) -> RunRow:
     state = runs.effective_state(status, now) if status else "unknown"
     best = status.get("best") or {}
     best_map, best_epoch = best.get("map50"), best.get("epoch")
-    if best_map is None:  # older status or no status: fall back to the metrics file
+    if best_map is None:  # no status, or one written before the first validation: read the metrics file
         _, epochs = runs.read_metrics(run_dir)
         best_map, best_epoch = best_from_epochs(epochs)
     return RunRow(

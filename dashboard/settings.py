@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from engine.report import TARGETS  # noqa: F401  (the results template's targets, defined once)
-
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = "demo_cpu.yaml"
 BASELINES_FILE = "baselines.yaml"

@@ -12,7 +12,6 @@ import itertools
 import logging
 import math
 import os
-import platform
 import random
 import shutil
 import signal
@@ -27,6 +26,7 @@ from torch.utils.data import DataLoader, RandomSampler, Sampler
 from engine.config import Config, TrainConfig
 from engine.data import CocoSplit, PlateDataset, collate_fn, load_split
 from engine.errors import RunError
+from engine.model import device_name  # noqa: F401  (train.py calls build.device_name)
 from engine.schedule import WarmupCosineLR, warmup_steps_for
 
 log = logging.getLogger("engine.train")
@@ -55,12 +55,6 @@ def seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
 @dataclass(frozen=True)

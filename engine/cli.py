@@ -125,11 +125,17 @@ def _add_serve(sub) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+def _add_config_doc(sub) -> None:
+    p = sub.add_parser("config-doc", help="print the config reference table (generated from engine/config.py)")
+    p.add_argument("--write", metavar="FILE", help="replace the table between the markers in FILE (docs/engine.md)")
+    p.set_defaults(func=cmd_config_doc)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m engine", description="License-plate detector engine.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_train, _add_synth, _add_evaluate, _add_predict, _add_report, _add_export, _add_bench,
-                _add_serve):
+                _add_serve, _add_config_doc):
         add(sub)
     return parser
 
@@ -170,9 +176,9 @@ def _launch_torchrun(args, cfg, run_name) -> None:
     raw = list(getattr(args, "raw_argv", None) or [])
     train_args = raw[raw.index("train") + 1:] if "train" in raw else raw
     if not run_name and not args.resume:
-        from engine.train import default_run_name
+        from engine.config import default_run_name
 
-        run_name = default_run_name(cfg)
+        run_name = default_run_name(cfg.source)
     cmd = distributed_launch.train_launch_command(train_args, run_name)
     if cmd is not None:
         distributed_launch.exec_torchrun(cmd)
@@ -284,6 +290,20 @@ def close_progress_bars() -> None:
 def report_error(text: str) -> None:
     close_progress_bars()
     print(f"error: {text}", file=sys.stderr, flush=True)
+
+
+
+
+def cmd_config_doc(args) -> int:
+    from engine.config import reference_table, replace_reference_table
+
+    if not args.write:
+        print(reference_table())
+        return 0
+    path = Path(args.write)
+    path.write_text(replace_reference_table(path.read_text(encoding="utf-8")), encoding="utf-8")
+    print(path)
+    return 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:

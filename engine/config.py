@@ -1,6 +1,7 @@
 """Training configuration: YAML files loaded into typed dataclasses.
 
-A config file only needs the keys it changes; everything else keeps the defaults below.
+The dataclass defaults below ARE the recipe (FasterRCNN-MobileNetV3-FPN fine-tuned from COCO on
+a GPU box); a config file holds only the keys it changes (configs/demo_cpu.yaml: the CPU demo).
 `--set section.key=value` overrides a single value after the file is read (the value is
 parsed as YAML, so `--set train.epochs=3` gives an int and `--set input.train_sizes=[240,288]`
 a list). Unknown keys, wrong types and out-of-range values raise ConfigError with one line
@@ -9,7 +10,11 @@ that names the key and the file.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
+import inspect
+import io
 import re
+import tokenize
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,33 +38,33 @@ class ConfigError(EngineError, ValueError):
 
 @dataclass
 class RunConfig:
-    name: Optional[str] = None  # default: <config stem>-<YYYYmmdd-HHMMSS>
-    runs_dir: str = "runs"
-    checkpoints_dir: str = "checkpoints"
-    seed: int = 42
+    name: Optional[str] = None  # default: <config stem>-<YYYYmmdd-HHMMSS>; letters, digits, '-', '_', '.'
+    runs_dir: str = "runs"  # the run folder goes to <runs_dir>/<name>
+    checkpoints_dir: str = "checkpoints"  # best.pth / last.pth go to <checkpoints_dir>/<name>
+    seed: int = 42  # seeds python, numpy, torch and the data order
     author: str = ""  # copied into the results report; empty -> a prompt for the user
-    contact: str = ""
-    notes: str = ""
+    contact: str = ""  # copied into the results report
+    notes: str = ""  # copied into the results report
 
 
 @dataclass
 class SynthConfig:
     """Used when data.root does not exist and data.generate_if_missing is true."""
-    train: int = 600
+    train: int = 600  # images per split
     valid: int = 100
     test: int = 100
-    seed: int = 0
-    width: int = 320
+    seed: int = 0  # the same seed gives the same images
+    width: int = 320  # image size, px
     height: int = 240
 
 
 @dataclass
 class DataConfig:
-    root: str = "data/synthetic"  # Roboflow COCO export: <root>/{train,valid,test}/_annotations.coco.json
-    train_split: str = "train"
+    root: str = "data/plates"  # Roboflow COCO export: <root>/{train,valid,test}/_annotations.coco.json; --data sets it
+    train_split: str = "train"  # folder names under root
     valid_split: str = "valid"
     test_split: str = "test"
-    num_workers: int = 2
+    num_workers: int = 4  # DataLoader worker processes
     train_limit: int = 0  # use only the first N train images (0 = all); for smoke runs
     valid_limit: int = 0
     generate_if_missing: bool = False  # generate the synthetic set at `root` when it is missing
@@ -68,9 +73,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "fasterrcnn_mobilenet_v3_large_fpn"
+    name: str = "fasterrcnn_mobilenet_v3_large_fpn"  # or fasterrcnn_mobilenet_v3_large_320_fpn, fasterrcnn_resnet50_fpn_v2
     weights: str = "coco"  # coco | none | path to a checkpoint (.pth) to fine-tune from
-    trainable_backbone_layers: Optional[int] = None  # None = torchvision's default
+    trainable_backbone_layers: Optional[int] = None  # None = torchvision's default; with coco weights only
     num_classes: int = 2  # 1 plate class + background
     box_batch_size_per_image: int = 512  # RoIs sampled per image for the box head (torchvision default 512)
 
@@ -78,15 +83,16 @@ class ModelConfig:
 @dataclass
 class InputConfig:
     """Resizing is done once, by the model's own transform (GeneralizedRCNNTransform)."""
-    train_sizes: list = field(default_factory=lambda: [800, 900, 1000, 1100, 1200, 1333])  # shorter side, sampled per batch
+    train_sizes: list = field(default_factory=lambda: [800, 864, 928, 992, 1056, 1120, 1184, 1248, 1333])  # shorter side, one sampled per batch
     test_size: int = 800  # shorter side at validation / test / predict
     max_size: int = 1333  # longer side cap
 
 
 @dataclass
 class AugmentConfig:
-    hflip_p: float = 0.5
-    brightness: float = 0.2
+    """torchvision.transforms.v2 on tv_tensors: boxes follow the flip."""
+    hflip_p: float = 0.5  # probability of a horizontal flip
+    brightness: float = 0.2  # colour jitter strengths
     contrast: float = 0.2
     saturation: float = 0.2
     hue: float = 0.0
@@ -94,8 +100,8 @@ class AugmentConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"
-    lr: float = 0.005
+    name: str = "sgd"  # the only optimizer
+    lr: float = 0.005  # peak learning rate, reached after the warmup
     momentum: float = 0.9
     weight_decay: float = 5e-4
 
@@ -109,22 +115,22 @@ class ScheduleConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 50
-    batch_size: int = 16
+    epochs: int = 50  # at most; early stopping may end sooner
+    batch_size: int = 16  # images per optimizer step (per process under torchrun)
     amp: bool = True  # mixed precision (autocast), see amp_dtype
     amp_dtype: str = "auto"  # auto: float16 + GradScaler on CUDA, AMP off on CPU | float16 (CUDA only) | bfloat16 (CUDA or CPU, no GradScaler)
     grad_clip: float = 10.0  # max L2 norm; 0 disables clipping (the norm is still logged)
     early_stopping_patience: int = 10  # epochs without a better val mAP@0.5; 0 disables
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     log_every: int = 1  # write a step record every N iterations
-    deterministic: bool = False
+    deterministic: bool = False  # deterministic algorithms (slower)
 
 
 @dataclass
 class EvalConfig:
     score_threshold: float = 0.5  # deployment threshold for precision / recall / F1
-    iou_threshold: float = 0.5
-    batch_size: int = 4
+    iou_threshold: float = 0.5  # a detection matches a plate at this IoU (P/R/F1)
+    batch_size: int = 8  # images per validation / test batch
     probe_images: int = 8  # validation images predicted every epoch for the dashboard's slider
     test_after_train: bool = True  # evaluate best.pth on the test split when training completes
 
@@ -350,3 +356,71 @@ def validate_run_name(name: str) -> str:
     if not isinstance(name, str) or not RUN_NAME_RE.fullmatch(name) or name in (".", ".."):
         raise ConfigError(f"run name {name!r}: use letters, digits, '-', '_', '.' only")
     return name
+
+
+def default_run_name(source: Union[str, Path, None], now: Optional[dt.datetime] = None) -> str:
+    """<config file stem>-<YYYYmmdd-HHMMSS>; 'run-...' when the config did not come from a file."""
+    source = str(source or "")
+    stem = Path(source).stem if source and not source.startswith("<") else "run"
+    stem = "".join(c if (c.isalnum() or c in "-_.") else "-" for c in stem) or "run"
+    return f"{stem}-{(now or dt.datetime.now()).strftime('%Y%m%d-%H%M%S')}"
+
+
+# ----------------------------------------------------------------------------- reference table
+TABLE_START = "<!-- config-table:start (python -m engine config-doc --write docs/engine.md) -->"
+TABLE_END = "<!-- config-table:end -->"
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """Field name -> the `# comment` on the line that declares it in the class source."""
+    comments: dict[int, str] = {}
+    source = inspect.getsource(cls)
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.string.lstrip("#").strip()
+    out = {}
+    for number, line in enumerate(source.splitlines(), start=1):
+        match = re.match(r"\s+(\w+)\s*:", line)
+        if match and number in comments:
+            out[match.group(1)] = comments[number]
+    return out
+
+
+def _yaml_value(value: Any) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True).strip()
+    return text[:-3].strip() if text.endswith("...") else text
+
+
+def reference_rows(obj: Any = None, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, meaning) for every leaf key of the config, from the dataclasses above."""
+    obj = Config() if obj is None else obj
+    comments = _field_comments(type(obj))
+    rows = []
+    for f in dataclasses.fields(obj):
+        if f.metadata.get("internal"):
+            continue
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += reference_rows(value, f"{prefix}{f.name}.")
+        else:
+            rows.append((f"{prefix}{f.name}", _yaml_value(value), comments.get(f.name, "")))
+    return rows
+
+
+def _markdown_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def reference_table() -> str:
+    """The markdown table of docs/engine.md (between TABLE_START and TABLE_END)."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    lines += [f"| `{key}` | `{default}` | {_markdown_cell(meaning)} |" for key, default, meaning in reference_rows()]
+    return "\n".join(lines)
+
+
+def replace_reference_table(text: str) -> str:
+    """`text` (a markdown file) with the part between the markers replaced by reference_table()."""
+    start, end = text.find(TABLE_START), text.find(TABLE_END)
+    if start < 0 or end < start:
+        raise ConfigError(f"the markers {TABLE_START!r} ... {TABLE_END!r} are missing")
+    return text[: start + len(TABLE_START)] + "\n" + reference_table() + "\n" + text[end:]

@@ -15,7 +15,6 @@ model, postprocess; 3 warm-up runs first; CUDA synchronised) and writes to `out`
 from __future__ import annotations
 
 import json
-import platform
 import time
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -28,7 +27,7 @@ from engine import metrics
 from engine.config import load_config, validate_run_name
 from engine.data import PlateDataset, load_split
 from engine.errors import EngineError
-from engine.model import count_parameters, load_model_from_checkpoint, resolve_device
+from engine.model import count_parameters, device_name, load_model_from_checkpoint, resolve_device
 from engine.predict import infer
 from engine.runs import (BEST_CKPT, LAST_CKPT, PR_CURVE_FILE, PRF_FILE, PREDICTIONS_FILE, TEST_DIR,
                          TEST_METRICS_FILE, atomic_write_json, atomic_write_text)
@@ -90,18 +89,6 @@ def validate(model: torch.nn.Module, loader, device: Union[str, torch.device], s
 
 
 # ----------------------------------------------------------------------------- evaluate a checkpoint
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "CPU"
-
-
 def _checkpoint_info(path: Path) -> dict:
     """run name and epoch of a checkpoint, read without loading its tensors (mmap)."""
     try:
@@ -248,7 +235,7 @@ def evaluate_checkpoint(checkpoint: Union[str, Path], config_path: Optional[Unio
         "pr_ap50": curve["ap"],
         "ms_per_image": speed["model_ms"],
         "speed": speed,
-        "device": str(dev), "device_name": _device_name(dev), "amp": amp,
+        "device": str(dev), "device_name": device_name(dev), "amp": amp,
         "num_images": len(gts), "num_gt_boxes": int(sum(len(g["boxes"]) for g in gts)),
         "num_detections": int(sum(len(p["scores"]) for p in preds)),
         "params": count_parameters(model), "model": ckpt_cfg.model.name, "test_size": cfg.input.test_size,

@@ -12,6 +12,7 @@ import copy
 import logging
 import os
 import pickle
+import platform
 import socket
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -249,6 +250,21 @@ def load_model_from_checkpoint(path: Union[str, Path], device: Union[str, torch.
         _freeze_batchnorm(model.backbone.body)
     _load_state(model, state, path, cfg.model.name, allow_head_skip=False)
     return model.to(device).eval(), cfg
+
+
+def device_name(device: torch.device) -> str:
+    """What a run reports as its device: the GPU's name, or the CPU model and the torch thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine() or "CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {model} ({torch.get_num_threads()} threads)"
 
 
 def resolve_device(name: str) -> torch.device:

@@ -20,12 +20,13 @@ from typing import Any, Optional
 
 import yaml
 
-from engine import runs
+from engine import formatting as fmt, runs
 from engine.config import validate_run_name
 from engine.errors import EngineError
+from engine.samples import sample_caption
+from engine.targets import TARGETS, load_baselines, met
 
 PROMPT = "✍️ *Your notes:*"  # marks what only the user can write
-TARGETS = {"map50": 0.85, "precision": 0.90, "recall": 0.80}  # from the results template
 STATE_LINE = {
     "completed": "✅ Complete",
     "running": "🔄 Training in progress",
@@ -52,34 +53,6 @@ class ReportError(EngineError):
 
 
 # ----------------------------------------------------------------------------- gathering
-def format_number(value: Any, digits: int = 4) -> str:
-    """A metric for a table: '—' for missing, thousands separators for ints, fixed digits for floats."""
-    if value is None:
-        return "—"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-_fmt = format_number
-
-
-def _lr(value: Optional[float]) -> str:
-    return "—" if value is None else f"{value:.2e}"
-
-
-def _when(ts: Optional[float]) -> str:
-    if not ts:
-        return "—"
-    return dt.datetime.fromtimestamp(float(ts), tz=dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-
-
 def _size_mb(path: Path) -> Optional[float]:
     try:
         return path.stat().st_size / 1e6
@@ -129,17 +102,13 @@ def gather(run: str, runs_dir: str = "runs", checkpoints_dir: str = "checkpoints
     if not run_dir.is_dir():
         raise ReportError(f"run {run!r} not found under {runs_dir}/")
     status = runs.read_status(run_dir) or {}
-    try:
-        config = yaml.safe_load((run_dir / runs.CONFIG_FILE).read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError):
-        config = {}
+    config = runs.read_config(run_dir)
     steps, epochs = runs.read_metrics(run_dir)
     dataset = runs.read_json(run_dir / runs.DATASET_FILE) or {}
     test_dir = run_dir / runs.TEST_DIR
-    test = runs.read_json(test_dir / "metrics.json")
-    samples = runs.read_json(test_dir / "samples.json")
-    ckpt_dir = Path(checkpoints_dir) / run
-    best_epoch = max(epochs, key=lambda e: (e.get("val_map50") or -1, -e["epoch"])) if epochs else None
+    test = runs.read_json(test_dir / runs.TEST_METRICS_FILE)
+    samples = runs.read_json(test_dir / runs.SAMPLES_FILE)
+    ckpt_dir = runs.checkpoint_path(checkpoints_dir, run).parent
     return {
         "run": run,
         "run_dir": run_dir,
@@ -148,7 +117,7 @@ def gather(run: str, runs_dir: str = "runs", checkpoints_dir: str = "checkpoints
         "config": config,
         "steps": steps,
         "epochs": epochs,
-        "best_epoch": best_epoch,
+        "best_epoch": runs.best_epoch_record(epochs),
         "dataset": dataset,
         "test": test if isinstance(test, dict) else None,
         "test_dir": test_dir,
@@ -191,20 +160,6 @@ def log_excerpt(log_path: Path, max_lines: int = 40) -> list[str]:
         half = max_lines // 2
         picked = picked[:half] + ["..."] + picked[-half:]
     return picked
-
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_baselines(path: Optional[Path] = None) -> list[dict]:
-    """Rows of configs/baselines.yaml (a list, or a mapping with a `baselines` list); [] if unreadable."""
-    path = Path(path) if path else PROJECT_ROOT / "configs" / "baselines.yaml"
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError):
-        return []
-    rows = data.get("baselines", data) if isinstance(data, dict) else data
-    return [r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else []
 
 
 # ----------------------------------------------------------------------------- plot
@@ -250,8 +205,8 @@ def plot_training_curve(epochs: list[dict], steps: list[dict], path: Path) -> Op
 
 def plot_test_curves(test_dir: Path, test: dict, path: Path) -> Optional[Path]:
     """PR curve and P/R/F1 against confidence (deployment and max-F1 thresholds marked) as one PNG."""
-    pr = runs.read_json(test_dir / "pr_curve.json")
-    prf = runs.read_json(test_dir / "prf_vs_confidence.json")
+    pr = runs.read_json(test_dir / runs.PR_CURVE_FILE)
+    prf = runs.read_json(test_dir / runs.PRF_FILE)
     if not isinstance(pr, dict) or not isinstance(prf, dict):
         return None
     import matplotlib
@@ -292,293 +247,289 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def _met(value: Optional[float], target: float) -> str:
-    if value is None:
+    ok = met(value, target)
+    if ok is None:
         return f"Target: >{target:.2f}"
-    return f"Target: >{target:.2f} — {'✅ met' if value > target else '❌ missed'}"
+    return f"Target: >{target:.2f} — {'✅ met' if ok else '❌ missed'}"
 
 
-def render(info: dict, img_dir_name: str = "img", images: Optional[dict] = None) -> str:
-    """The markdown text. `images` maps logical names to file names inside img_dir_name."""
-    images = images or {}
-    status, cfg, epochs = info["status"], info["config"], info["epochs"]
-    best = info["best_epoch"] or {}
-    test = info["test"] or {}
-    run = info["run"]
-    c_model, c_optim, c_sched = cfg.get("model", {}), cfg.get("optim", {}), cfg.get("schedule", {})
-    c_train, c_aug, c_input = cfg.get("train", {}), cfg.get("augment", {}), cfg.get("input", {})
-    c_run, c_data, c_eval = cfg.get("run", {}), cfg.get("data", {}), cfg.get("eval", {})
-    state = info["state"]
+def _cfg(info: dict, section: str) -> dict:
+    return info["config"].get(section) or {}
+
+
+def _device(info: dict) -> tuple[str, str]:
+    """(device name, device) of the training run."""
+    status = info["status"]
+    device = status.get("device") or "—"
+    return status.get("device_name") or device, device
+
+
+def _early_stopped(info: dict) -> bool:
+    planned = _cfg(info, "train").get("epochs")
+    done = len(info["epochs"])
+    return bool(done and planned and done < planned and info["state"] == "completed")
+
+
+def _header(info: dict, images: dict) -> list[str]:
+    run, state = info["run"], info["state"]
+    return ["# 📊 Training Results\n", f"> **Status:** {STATE_LINE.get(state, state)}  ",
+            f"> Run `{run}` — generated by `python -m engine report --run {run}` on "
+            f"{fmt.utc_time(dt.datetime.now().timestamp())} from the run's files.\n"]
+
+
+def _environment(info: dict, images: dict) -> list[str]:
+    status = info["status"]
     started, ended = status.get("started_at"), status.get("ended_at") or status.get("updated_at")
     duration_h = (float(ended) - float(started)) / 3600 if started and ended else None
     if status.get("elapsed_s"):  # training time summed over resumes
         duration_h = float(status["elapsed_s"]) / 3600
-    out: list[str] = []
-    w = out.append
-
-    w("# 📊 Training Results\n")
-    w(f"> **Status:** {STATE_LINE.get(state, state)}  ")
-    w(f"> Run `{run}` — generated by `python -m engine report --run {run}` on {_when(dt.datetime.now().timestamp())}"
-      " from the run's files.\n")
-    w("---\n")
-
-    # environment
-    device_name = status.get("device_name") or status.get("device") or "—"
-    device = status.get("device") or "—"
-    w("## 🖥️ Training Environment\n")
-    w(_table(["Parameter", "Value"], [
+    name, device = _device(info)
+    cuda = status.get("cuda_version") or ("none (CPU run)" if str(device).startswith("cpu") else "—")
+    return ["## 🖥️ Training Environment\n", _table(["Parameter", "Value"], [
         ["**Platform**", status.get("platform") or status.get("host") or "—"],
-        ["**Device**", f"{device_name} (`{device}`)"],
-        ["**CUDA Version**", status.get("cuda_version") or ("none (CPU run)" if str(device).startswith("cpu") else "—")],
+        ["**Device**", f"{name} (`{device}`)"],
+        ["**CUDA Version**", cuda],
         ["**PyTorch Version**", status.get("torch_version") or "—"],
-        ["**Training Date**", _when(started)],
+        ["**Training Date**", fmt.utc_time(started)],
         ["**Training Duration**", f"{duration_h:.2f} hours ({duration_h * 60:.1f} min)" if duration_h is not None else "—"],
-    ]))
-    w("\n---\n")
+    ])]
 
-    # dataset
+
+def _dataset(info: dict, images: dict) -> list[str]:
     ds = info["dataset"] or {}
     splits = [s for s in ("train", "valid", "test") if isinstance(ds.get(s), dict)]
     total_images = sum(ds[s].get("images", 0) for s in splits)
     total_boxes = sum(ds[s].get("boxes", 0) for s in splits)
-    w("## 📁 Dataset Information\n")
-    rows = [
-        ["**Source**", f"`{c_data.get('root', '—')}`"],
-        ["**Format**", "COCO JSON (Roboflow export layout)"],
-        ["**Total Images**", _fmt(total_images) if splits else "—"],
-    ]
+    rows = [["**Source**", f"`{_cfg(info, 'data').get('root', '—')}`"],
+            ["**Format**", "COCO JSON (Roboflow export layout)"],
+            ["**Total Images**", fmt.number(total_images) if splits else "—"]]
     for s in splits:
         d = ds[s]
-        rows.append([f"**{s.capitalize()} Set**", f"{_fmt(d.get('images'))} images, {_fmt(d.get('boxes'))} boxes, "
-                     f"{_fmt(d.get('empty_images'))} without plates, {_fmt(d.get('dropped_boxes'))} boxes dropped"])
-    rows += [["**Classes**", f"1 ({ds.get('category_name') or 'license_plate'})"],
-             ["**Annotations**", f"{_fmt(total_boxes)} bounding boxes" if splits else "—"]]
-    w(_table(["Metric", "Value"], rows))
-    w("\n---\n")
+        rows.append([f"**{s.capitalize()} Set**", f"{fmt.number(d.get('images'))} images, {fmt.number(d.get('boxes'))} "
+                     f"boxes, {fmt.number(d.get('empty_images'))} without plates, "
+                     f"{fmt.number(d.get('dropped_boxes'))} boxes dropped"])
+    rows += [["**Classes**", "1 (license plate)"],
+             ["**Annotations**", f"{fmt.number(total_boxes)} bounding boxes" if splits else "—"]]
+    return ["## 📁 Dataset Information\n", _table(["Metric", "Value"], rows)]
 
-    # hyperparameters
-    sizes = c_input.get("train_sizes") or []
-    w("## ⚙️ Hyperparameters\n")
-    w("```yaml")
-    w("Model Architecture:")
-    w(f"  - Model: {c_model.get('name')}")
-    w(f"  - Pretrained: {c_model.get('weights')}")
-    w(f"  - Parameters: {_fmt(test.get('params'))}" if test.get("params") else "  - Parameters: (counted at evaluation)")
-    w("Optimizer:")
-    w(f"  - Type: {str(c_optim.get('name', 'sgd')).upper()}")
-    w(f"  - Momentum: {c_optim.get('momentum')}")
-    w(f"  - Weight Decay: {c_optim.get('weight_decay')}")
-    w("Learning Rate Schedule:")
-    w(f"  - Initial LR: {c_optim.get('lr')}")
-    w(f"  - Warmup: {c_sched.get('warmup_epochs')} epochs (linear, per iteration)")
-    w("  - Schedule: Cosine Annealing")
-    w(f"  - Min LR: {c_sched.get('min_lr')}")
-    w("Training Configuration:")
-    w(f"  - Batch Size: {c_train.get('batch_size')}")
-    w(f"  - Epochs: {c_train.get('epochs')} (max)")
-    w(f"  - Early Stopping: Patience {c_train.get('early_stopping_patience')}")
-    w(f"  - Mixed Precision: {'Enabled (FP16)' if c_train.get('amp') and not str(device).startswith('cpu') else 'Disabled'}"
-      + (" (requested, off on CPU)" if c_train.get("amp") and str(device).startswith("cpu") else ""))
-    w(f"  - Gradient Clipping: Max norm {c_train.get('grad_clip')}")
-    w("Data Augmentation:")
-    w(f"  - Random Horizontal Flip (p={c_aug.get('hflip_p')})")
-    w(f"  - Color Jitter (brightness {c_aug.get('brightness')}, contrast {c_aug.get('contrast')}, "
-      f"saturation {c_aug.get('saturation')}, hue {c_aug.get('hue')})")
+
+def _hyperparameters(info: dict, images: dict) -> list[str]:
+    model, optim, sched = _cfg(info, "model"), _cfg(info, "optim"), _cfg(info, "schedule")
+    train, aug, inp = _cfg(info, "train"), _cfg(info, "augment"), _cfg(info, "input")
+    params = (info["test"] or {}).get("params")
+    on_cpu = str(_device(info)[1]).startswith("cpu")
+    amp = "Enabled (FP16)" if train.get("amp") and not on_cpu else "Disabled"
+    amp += " (requested, off on CPU)" if train.get("amp") and on_cpu else ""
+    out = ["## ⚙️ Hyperparameters\n", "```yaml", "Model Architecture:", f"  - Model: {model.get('name')}",
+           f"  - Pretrained: {model.get('weights')}",
+           f"  - Parameters: {fmt.number(params)}" if params else "  - Parameters: (counted at evaluation)",
+           "Optimizer:", f"  - Type: {str(optim.get('name', 'sgd')).upper()}", f"  - Momentum: {optim.get('momentum')}",
+           f"  - Weight Decay: {optim.get('weight_decay')}",
+           "Learning Rate Schedule:", f"  - Initial LR: {optim.get('lr')}",
+           f"  - Warmup: {sched.get('warmup_epochs')} epochs (linear, per iteration)", "  - Schedule: Cosine Annealing",
+           f"  - Min LR: {sched.get('min_lr')}",
+           "Training Configuration:", f"  - Batch Size: {train.get('batch_size')}",
+           f"  - Epochs: {train.get('epochs')} (max)", f"  - Early Stopping: Patience {train.get('early_stopping_patience')}",
+           f"  - Mixed Precision: {amp}", f"  - Gradient Clipping: Max norm {train.get('grad_clip')}",
+           "Data Augmentation:", f"  - Random Horizontal Flip (p={aug.get('hflip_p')})",
+           f"  - Color Jitter (brightness {aug.get('brightness')}, contrast {aug.get('contrast')}, "
+           f"saturation {aug.get('saturation')}, hue {aug.get('hue')})"]
+    sizes = inp.get("train_sizes") or []
     if sizes:
-        w(f"  - Random Resize: shorter side {min(sizes)}-{max(sizes)} px ({len(sizes)} scales), "
-          f"longer side <= {c_input.get('max_size')} px; test {c_input.get('test_size')} px")
-    w("```\n")
-    w("---\n")
+        out.append(f"  - Random Resize: shorter side {min(sizes)}-{max(sizes)} px ({len(sizes)} scales), "
+                   f"longer side <= {inp.get('max_size')} px; test {inp.get('test_size')} px")
+    return out + ["```"]
 
-    # training results
-    total_epochs = len(epochs)
-    early = bool(total_epochs and c_train.get("epochs") and total_epochs < c_train["epochs"] and state == "completed")
-    w("## 📈 Training Results\n")
-    w("### Final Metrics\n")
-    w(f"Validation metrics of the best epoch (score threshold {c_eval.get('score_threshold', 0.5)} for P/R/F1).\n")
-    w(_table(["Metric", "Value", "Notes"], [
-        ["**Best mAP@0.5**", _fmt(best.get("val_map50")), _met(best.get("val_map50"), TARGETS["map50"])],
-        ["**mAP@0.5:0.95**", _fmt(best.get("val_map50_95")), "COCO primary metric"],
-        ["**Precision**", _fmt(best.get("val_precision")), _met(best.get("val_precision"), TARGETS["precision"])],
-        ["**Recall**", _fmt(best.get("val_recall")), _met(best.get("val_recall"), TARGETS["recall"])],
-        ["**F1-Score**", _fmt(best.get("val_f1")), "Harmonic mean"],
-        ["**Best Epoch**", _fmt(best.get("epoch")), "Epoch with the highest val mAP@0.5"],
-        ["**Total Epochs**", _fmt(total_epochs),
-         ("early stopping triggered" if early else f"of {c_train.get('epochs')} planned")],
-    ]))
-    w("")
-    w("### Training Curve\n")
+
+def _training(info: dict, images: dict, img_dir: str) -> list[str]:
+    best, epochs = info["best_epoch"] or {}, info["epochs"]
+    planned = _cfg(info, "train").get("epochs")
+    threshold = _cfg(info, "eval").get("score_threshold", 0.5)
+    out = ["## 📈 Training Results\n", "### Final Metrics\n",
+           f"Validation metrics of the best epoch (score threshold {threshold} for P/R/F1).\n",
+           _table(["Metric", "Value", "Notes"], [
+               ["**Best mAP@0.5**", fmt.number(best.get("val_map50")), _met(best.get("val_map50"), TARGETS["map50"])],
+               ["**mAP@0.5:0.95**", fmt.number(best.get("val_map50_95")), "COCO primary metric"],
+               ["**Precision**", fmt.number(best.get("val_precision")),
+                _met(best.get("val_precision"), TARGETS["precision"])],
+               ["**Recall**", fmt.number(best.get("val_recall")), _met(best.get("val_recall"), TARGETS["recall"])],
+               ["**F1-Score**", fmt.number(best.get("val_f1")), "Harmonic mean"],
+               ["**Best Epoch**", fmt.number(best.get("epoch")), "Epoch with the highest val mAP@0.5"],
+               ["**Total Epochs**", fmt.number(len(epochs)),
+                "early stopping triggered" if _early_stopped(info) else f"of {planned} planned"],
+           ]), "", "### Training Curve\n"]
     if "curve" in images:
-        w(f"![Training curve]({img_dir_name}/{images['curve']})\n")
-    w(_table(["Epoch", "Train Loss", "Val mAP@0.5", "LR"],
-             [[e["epoch"], _fmt(e.get("train_loss")), _fmt(e.get("val_map50")), _lr(e.get("lr"))] for e in epochs]))
-    w("")
+        out.append(f"![Training curve]({img_dir}/{images['curve']})\n")
+    out.append(_table(["Epoch", "Train Loss", "Val mAP@0.5", "LR"],
+                      [[e["epoch"], fmt.number(e.get("train_loss")), fmt.number(e.get("val_map50")),
+                        fmt.learning_rate(e.get("lr"))] for e in epochs]))
     conv = info["convergence"]
-    w("### Loss Convergence\n")
-    w(f"- **Initial Loss:** {_fmt(conv['initial_loss'])} (first batch); epoch 1 mean {_fmt(conv['first_epoch_loss'])}")
-    w(f"- **Final Loss:** {_fmt(conv['final_loss'])} (last epoch mean)")
-    w(f"- **Convergence:** {conv['judgement']}" + (f"; {conv['trend']} at the end" if conv.get("trend") else ""))
-    w("\n---\n")
+    return out + ["", "### Loss Convergence\n",
+                  f"- **Initial Loss:** {fmt.number(conv['initial_loss'])} (first batch); "
+                  f"epoch 1 mean {fmt.number(conv['first_epoch_loss'])}",
+                  f"- **Final Loss:** {fmt.number(conv['final_loss'])} (last epoch mean)",
+                  f"- **Convergence:** {conv['judgement']}" + (f"; {conv['trend']} at the end" if conv.get("trend") else "")]
 
-    # test
-    w("## 🎯 Test Set Evaluation\n")
+
+def _test_rows(test: dict) -> list[list[str]]:
+    speed = test.get("speed") or {}
     split = test.get("split", "test")
-    w("```bash\n# Command used:")
-    w(f"python -m engine evaluate \\\n  --checkpoint {info['checkpoint_dir'].as_posix()}/best.pth \\\n"
-      f"  --config {info['run_dir'].as_posix()}/config.yaml \\\n  --device {test.get('device', 'cuda')}"
-      + (f" \\\n  --split {split}" if split != "test" else ""))
-    w("```\n")
-    w("### Results\n")
-    if test:
-        speed = test.get("speed") or {}
-        w(_table(["Metric", "Value"], [
-            ["**Checkpoint**", f"`{test.get('checkpoint', '—')}` (epoch {test.get('checkpoint_epoch', '—')}), split `{split}`"],
-            ["**Test mAP@0.5**", _fmt(test.get("map50"))],
-            ["**Test mAP@0.5:0.95**", _fmt(test.get("map50_95"))],
-            ["**Test Precision**", f"{_fmt(test.get('precision'))} (at score ≥ {test.get('score_threshold')})"],
-            ["**Test Recall**", _fmt(test.get("recall"))],
-            ["**Test F1**", _fmt(test.get("f1"))],
-            ["**Inference Time**", f"{_fmt(test.get('ms_per_image'), 1)} ms/image (model only, batch 1, "
-                                   f"{test.get('device_name') or test.get('device')}, AMP {'on' if test.get('amp') else 'off'})"],
-            ["**End-to-end**", f"{_fmt(speed.get('total_ms'), 1)} ms/image = preprocess {_fmt(speed.get('preprocess_ms'), 1)}"
-                               f" + model {_fmt(speed.get('model_ms'), 1)} + postprocess {_fmt(speed.get('postprocess_ms'), 1)}"
-                               f"; {_fmt(speed.get('fps_batch1'), 1)} FPS"],
-            ["**Images**", f"{_fmt(test.get('num_images'))} images, {_fmt(test.get('num_gt_boxes'))} plates"],
-        ]))
-        bf = test.get("best_f1") or {}
-        if bf:
-            w(f"\nAt the max-F1 confidence {_fmt(bf.get('threshold'), 2)}: precision {_fmt(bf.get('precision'))}, "
-              f"recall {_fmt(bf.get('recall'))}, F1 {_fmt(bf.get('f1'))} (TP {bf.get('tp')}, FP {bf.get('fp')}, FN {bf.get('fn')}).")
-        if "pr" in images:
-            w(f"\n![Precision-recall curve]({img_dir_name}/{images['pr']})")
-    else:
-        w(f"{PROMPT} this run has no test evaluation yet: run the command above, then `python -m engine report --run {run}` again.")
-    w("\n---\n")
+    return [
+        ["**Checkpoint**", f"`{test.get('checkpoint', '—')}` (epoch {test.get('checkpoint_epoch', '—')}), split `{split}`"],
+        ["**Test mAP@0.5**", fmt.number(test.get("map50"))],
+        ["**Test mAP@0.5:0.95**", fmt.number(test.get("map50_95"))],
+        ["**Test Precision**", f"{fmt.number(test.get('precision'))} (at score ≥ {test.get('score_threshold')})"],
+        ["**Test Recall**", fmt.number(test.get("recall"))],
+        ["**Test F1**", fmt.number(test.get("f1"))],
+        ["**Inference Time**", f"{fmt.number(test.get('ms_per_image'), 1)} ms/image (model only, batch 1, "
+                               f"{test.get('device_name') or test.get('device')}, AMP {'on' if test.get('amp') else 'off'})"],
+        ["**End-to-end**", f"{fmt.number(speed.get('total_ms'), 1)} ms/image = preprocess "
+                           f"{fmt.number(speed.get('preprocess_ms'), 1)} + model {fmt.number(speed.get('model_ms'), 1)}"
+                           f" + postprocess {fmt.number(speed.get('postprocess_ms'), 1)}; "
+                           f"{fmt.number(speed.get('fps_batch1'), 1)} FPS"],
+        ["**Images**", f"{fmt.number(test.get('num_images'))} images, {fmt.number(test.get('num_gt_boxes'))} plates"],
+    ]
 
-    # samples
-    w("## 📸 Sample Predictions\n")
+
+def _test(info: dict, images: dict, img_dir: str) -> list[str]:
+    test = info["test"] or {}
+    split = test.get("split", "test")
+    ckpt = (info["checkpoint_dir"] / runs.BEST_CKPT).as_posix()
+    config = (info["run_dir"] / runs.CONFIG_FILE).as_posix()
+    out = ["## 🎯 Test Set Evaluation\n", "```bash\n# Command used:",
+           f"python -m engine evaluate \\\n  --checkpoint {ckpt} \\\n  --config {config} \\\n"
+           f"  --device {test.get('device', 'cuda')}" + (f" \\\n  --split {split}" if split != "test" else ""),
+           "```\n", "### Results\n"]
+    if not test:
+        return out + [f"{PROMPT} this run has no test evaluation yet: run the command above, then "
+                      f"`python -m engine report --run {info['run']}` again."]
+    out.append(_table(["Metric", "Value"], _test_rows(test)))
+    bf = test.get("best_f1") or {}
+    if bf:
+        out.append(f"\nAt the max-F1 confidence {fmt.number(bf.get('threshold'), 2)}: precision "
+                   f"{fmt.number(bf.get('precision'))}, recall {fmt.number(bf.get('recall'))}, F1 {fmt.number(bf.get('f1'))} "
+                   f"(TP {bf.get('tp')}, FP {bf.get('fp')}, FN {bf.get('fn')}).")
+    if "pr" in images:
+        out.append(f"\n![Precision-recall curve]({img_dir}/{images['pr']})")
+    return out
+
+
+def _samples(info: dict, images: dict, img_dir: str) -> list[str]:
     samples = info["samples"] or {}
+    out = ["## 📸 Sample Predictions\n"]
     for title, key in (("Good Predictions", "good"), ("Challenging Cases", "challenging")):
-        w(f"### {title}\n")
+        out.append(f"### {title}\n")
         items = samples.get(key) or []
         if not items:
-            w("None selected (no test evaluation yet)." if not samples else "None in this split.")
+            out.append("None selected (no test evaluation yet)." if not samples else "None in this split.")
         for item in items:
+            out.append("- " + sample_caption(item, " — "))
             name = images.get(f"sample:{item.get('file') or ''}")
-            desc = [f"**{item.get('file_name', item.get('image_id'))}**",
-                    f"ground truth {item.get('gt_count', '—')} plate(s)",
-                    f"predicted {item.get('pred_count', '—')}"]
-            if item.get("iou") is not None:
-                desc.append(f"IoU {_fmt(item.get('iou'), 2)}")
-            if item.get("confidence") is not None:
-                desc.append(f"confidence {_fmt(item.get('confidence'), 2)}")
-            if item.get("kind"):
-                desc.append(f"case: {item['kind']}")
-            if item.get("reasons"):
-                desc.append("measured: " + ", ".join(item["reasons"]))
-            w("- " + " — ".join(desc))
             if name:
-                w(f"\n  ![{item.get('file_name', '')}]({img_dir_name}/{name})\n")
-        w("")
-    w("Ground truth in green, predictions in orange with their score.\n")
-    w("---\n")
+                out.append(f"\n  ![{item.get('file_name', '')}]({img_dir}/{name})\n")
+        out.append("")
+    return out + ["Ground truth in green, predictions in orange with their score."]
 
-    # checkpoints
-    w("## 💾 Model Checkpoints\n")
-    ck = info["checkpoints"]  # sizes measured now from the files
-    cdir = info["checkpoint_dir"].as_posix()
-    w(_table(["File", "Size", "Description"], [
-        [f"`{cdir}/best.pth`", f"{ck['best.pth']:.1f} MB" if ck["best.pth"] else "missing",
-         f"Best validation mAP@0.5 (epoch {best.get('epoch', '—')})"],
-        [f"`{cdir}/last.pth`", f"{ck['last.pth']:.1f} MB" if ck["last.pth"] else "missing",
-         f"Last completed epoch ({total_epochs}); resumes with `python -m engine train --resume {run}`"],
-    ]))
-    w("\nEach file holds model, optimizer, scheduler and scaler state, RNG states and the config.\n")
-    w("---\n")
 
-    # tensorboard
-    w("## 📊 TensorBoard Logs\n")
-    w(f"**Location:** `{info['run_dir'].as_posix()}/`\n")
+def _checkpoints(info: dict, images: dict) -> list[str]:
+    ck, cdir = info["checkpoints"], info["checkpoint_dir"].as_posix()  # sizes measured now from the files
+    best_epoch = (info["best_epoch"] or {}).get("epoch", "—")
+
+    def size(name: str) -> str:
+        return f"{ck[name]:.1f} MB" if ck[name] else "missing"
+
+    return ["## 💾 Model Checkpoints\n", _table(["File", "Size", "Description"], [
+        [f"`{cdir}/{runs.BEST_CKPT}`", size(runs.BEST_CKPT), f"Best validation mAP@0.5 (epoch {best_epoch})"],
+        [f"`{cdir}/{runs.LAST_CKPT}`", size(runs.LAST_CKPT), f"Last completed epoch ({len(info['epochs'])}); "
+                                                             f"resumes with `python -m engine train --resume {info['run']}`"],
+    ]), "\nEach file holds model, optimizer, scheduler and scaler state, RNG states and the config."]
+
+
+def _tensorboard(info: dict, images: dict) -> list[str]:
     tags = info["tags"]
-    w("**Scalars tracked:** " + (", ".join(f"`{t}`" for t in tags) if tags else "no event file found"))
-    w("\n```bash")
-    w(f"tensorboard --logdir {Path(info['run_dir']).parent.as_posix()} --host 0.0.0.0 --port 6006")
-    w("```\n")
-    w("---\n")
+    return ["## 📊 TensorBoard Logs\n", f"**Location:** `{info['run_dir'].as_posix()}/`\n",
+            "**Scalars tracked:** " + (", ".join(f"`{t}`" for t in tags) if tags else "no event file found"),
+            "\n```bash", f"tensorboard --logdir {Path(info['run_dir']).parent.as_posix()} --host 0.0.0.0 --port 6006",
+            "```"]
 
-    # observations
-    w("## 🔍 Observations & Notes\n")
-    w("### Measured\n")
-    facts = [f"Train loss: {conv['judgement']}."]
+
+def _observations(info: dict, images: dict) -> list[str]:
+    best, test, train = info["best_epoch"] or {}, info["test"] or {}, _cfg(info, "train")
+    total = len(info["epochs"])
+    facts = [f"Train loss: {info['convergence']['judgement']}."]
     if best:
-        facts.append(f"Best val mAP@0.5 {_fmt(best.get('val_map50'))} at epoch {best.get('epoch')} of {total_epochs}.")
-    if early:
-        facts.append(f"Early stopping ended the run after {total_epochs} of {c_train.get('epochs')} epochs "
-                     f"(patience {c_train.get('early_stopping_patience')}).")
-    ips = [s.get("images_per_s") for s in info["steps"] if s.get("images_per_s")]
+        facts.append(f"Best val mAP@0.5 {fmt.number(best.get('val_map50'))} at epoch {best.get('epoch')} of {total}.")
+    if _early_stopped(info):
+        facts.append(f"Early stopping ended the run after {total} of {train.get('epochs')} epochs "
+                     f"(patience {train.get('early_stopping_patience')}).")
+    ips = sorted(s["images_per_s"] for s in info["steps"] if s.get("images_per_s"))
     if ips:
-        facts.append(f"Training throughput: median {sorted(ips)[len(ips) // 2]:.1f} images/s on {device_name}.")
+        facts.append(f"Training throughput: median {ips[len(ips) // 2]:.1f} images/s on {_device(info)[0]}.")
     if test:
-        facts.append(f"Test mAP@0.5 {_fmt(test.get('map50'))} vs best val {_fmt(best.get('val_map50'))}.")
-    for f in facts:
-        w(f"- {f}")
-    w("")
+        facts.append(f"Test mAP@0.5 {fmt.number(test.get('map50'))} vs best val {fmt.number(best.get('val_map50'))}.")
+    out = ["## 🔍 Observations & Notes\n", "### Measured\n", *(f"- {f}" for f in facts), ""]
     for title in ("What Worked Well", "Challenges Encountered", "Lessons Learned"):
-        w(f"### {title}\n")
-        w(f"- {PROMPT} (a run cannot know this; write it here)\n")
-    if c_run.get("notes"):
-        w(f"Run notes from the config: {c_run['notes']}\n")
-    w("---\n")
+        out += [f"### {title}\n", f"- {PROMPT} (a run cannot know this; write it here)\n"]
+    notes = _cfg(info, "run").get("notes")
+    return out + ([f"Run notes from the config: {notes}"] if notes else [])
 
-    w("## 🚀 Next Steps\n")
-    w("- [ ] Fine-tune on additional data\n- [ ] Experiment with different backbones (ResNet50, EfficientNet)\n"
-      "- [ ] Add data augmentation (Mosaic, MixUp)\n- [ ] Optimize for inference speed\n- [ ] Deploy to production API\n")
-    w("---\n")
 
-    # log excerpt
-    w("## 📝 Training Log Excerpt\n")
-    w("```")
+def _next_steps(info: dict, images: dict) -> list[str]:
+    return ["## 🚀 Next Steps\n", "- [ ] Fine-tune on additional data", "- [ ] Experiment with different backbones "
+            "(ResNet50, EfficientNet)", "- [ ] Add data augmentation (Mosaic, MixUp)",
+            "- [ ] Optimize for inference speed", "- [ ] Deploy to production API"]
+
+
+def _log_excerpt(info: dict, images: dict) -> list[str]:
     excerpt = log_excerpt(info["log"])
-    w("\n".join(excerpt) if excerpt else "(train.log is empty or missing)")
-    w("```\n")
-    w("---\n")
-
-    # baselines
-    w("## 🏆 Comparison with Baselines\n")
-    our_map = test.get("map50") if test else best.get("val_map50")
-    fps = (test.get("speed") or {}).get("fps_batch1") if test else None
-    rows = [[f"**Ours ({c_model.get('name')})**", _fmt(our_map), _params(test.get("params")),
-             f"{fps:.1f} (measured, {test.get('device_name') or test.get('device')})" if fps else "—"]]
-    for b in load_baselines():
-        rows.append([b.get("name", "?"), f"~{b.get('map50')}", _params(b.get("params")), f"~{b.get('fps')}"])
-    w(_table(["Model", "mAP@0.5", "Params", "Speed (FPS)"], rows))
-    w(f"\nOur mAP@0.5 is {'test-set' if test else 'best validation'}; parameters are counted from the model, "
-      "FPS is measured at batch 1. Baseline rows are quoted references from `configs/baselines.yaml`, "
-      "not measured here.\n")
-    w("---\n")
-
-    w("## 📧 Contact\n")
-    w(f"**Author:** {c_run.get('author') or PROMPT + ' set `run.author` in the config'}  ")
-    w(f"**Contact:** {c_run.get('contact') or PROMPT + ' set `run.contact` in the config'}\n")
-    w("---\n")
-    w(f"**Last Updated:** {_when(status.get('updated_at'))}  ")
-    w(f"**Training Status:** {STATE_LINE.get(state, state)}")
-    return "\n".join(out) + "\n"
+    return ["## 📝 Training Log Excerpt\n", "```", "\n".join(excerpt) if excerpt else "(train.log is empty or missing)",
+            "```"]
 
 
-def _params(value: Any) -> str:
-    if not value:
-        return "—"
-    if isinstance(value, (int, float)):
-        return f"{value / 1e6:.1f}M"
-    return str(value)
+def _baselines(info: dict, images: dict) -> list[str]:
+    test, best = info["test"] or {}, info["best_epoch"] or {}
+    fps = (test.get("speed") or {}).get("fps_batch1")
+    speed = f"{fps:.1f} (measured, {test.get('device_name') or test.get('device')})" if fps else "—"
+    rows = [[f"**Ours ({_cfg(info, 'model').get('name')})**", fmt.number(test.get("map50") if test else best.get("val_map50")),
+             fmt.params(test.get("params")), speed]]
+    rows += [[b.get("name", "?"), f"~{b.get('map50')}", fmt.params(b.get("params")), f"~{b.get('fps')}"]
+             for b in load_baselines()]
+    return ["## 🏆 Comparison with Baselines\n", _table(["Model", "mAP@0.5", "Params", "Speed (FPS)"], rows),
+            f"\nOur mAP@0.5 is {'test-set' if test else 'best validation'}; parameters are counted from the model, "
+            "FPS is measured at batch 1. Baseline rows are quoted references from `configs/baselines.yaml`, "
+            "not measured here."]
+
+
+def _contact(info: dict, images: dict) -> list[str]:
+    run_cfg, state = _cfg(info, "run"), info["state"]
+    return ["## 📧 Contact\n",
+            f"**Author:** {run_cfg.get('author') or PROMPT + ' set `run.author` in the config'}  ",
+            f"**Contact:** {run_cfg.get('contact') or PROMPT + ' set `run.contact` in the config'}\n", "---\n",
+            f"**Last Updated:** {fmt.utc_time(info['status'].get('updated_at'))}  ",
+            f"**Training Status:** {STATE_LINE.get(state, state)}"]
+
+
+SECTIONS = (_header, _environment, _dataset, _hyperparameters, _training, _test, _samples, _checkpoints,
+            _tensorboard, _observations, _next_steps, _log_excerpt, _baselines, _contact)
+WITH_IMAGES = (_training, _test, _samples)  # sections that link images under img_dir
+
+
+def render(info: dict, img_dir_name: str = runs.REPORT_IMG_DIR, images: Optional[dict] = None) -> str:
+    """The markdown text, one section per function. `images` maps logical names to files in img_dir_name."""
+    images = images or {}
+    blocks = []
+    for section in SECTIONS:
+        lines = section(info, images, img_dir_name) if section in WITH_IMAGES else section(info, images)
+        blocks.append("\n".join(lines))
+    return "\n\n---\n\n".join(blocks) + "\n"
 
 
 def write_report(run: str, runs_dir: str = "runs", checkpoints_dir: str = "checkpoints",
                  out: Optional[str] = None) -> Path:
     """Write RESULTS.md and its images to `out` (default runs/<run>/report/); returns the md path."""
     info = gather(run, runs_dir, checkpoints_dir)
-    out_dir = Path(out) if out else info["run_dir"] / "report"
-    img_dir = out_dir / "img"
+    out_dir = Path(out) if out else info["run_dir"] / runs.REPORT_DIR
+    img_dir = out_dir / runs.REPORT_IMG_DIR
     img_dir.mkdir(parents=True, exist_ok=True)
     images: dict[str, str] = {}
     if plot_training_curve(info["epochs"], info["steps"], img_dir / "training_curve.png"):
@@ -594,8 +545,8 @@ def write_report(run: str, runs_dir: str = "runs", checkpoints_dir: str = "check
             dest = "sample_" + Path(rel).name
             shutil.copy2(src, img_dir / dest)
             images[f"sample:{rel}"] = dest
-    md = out_dir / "RESULTS.md"
-    runs.atomic_write_text(md, render(info, "img", images))
+    md = out_dir / runs.REPORT_FILE
+    runs.atomic_write_text(md, render(info, runs.REPORT_IMG_DIR, images))
     return md
 
 
@@ -604,9 +555,9 @@ def report_zip(md_path: Path) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
         zf.write(md_path, md_path.name)
-        img_dir = md_path.parent / "img"
+        img_dir = md_path.parent / runs.REPORT_IMG_DIR
         if img_dir.is_dir():
             for p in sorted(img_dir.iterdir()):
                 if p.is_file():
-                    zf.write(p, f"img/{p.name}")
+                    zf.write(p, f"{runs.REPORT_IMG_DIR}/{p.name}")
     return buf.getvalue()

@@ -142,6 +142,17 @@ def pid_alive(pid: Optional[int]) -> bool:
         return True
 
 
+def read_config(run_path: PathLike) -> dict:
+    """The run's config.yaml as a dict; {} when it is missing or not valid YAML."""
+    import yaml
+
+    try:
+        data = yaml.safe_load((Path(run_path) / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def read_status(run_path: PathLike) -> Optional[dict]:
     status = read_json(Path(run_path) / STATUS_FILE)
     return status if isinstance(status, dict) else None
@@ -282,6 +293,12 @@ def dedupe_records(records: Iterable[dict]) -> tuple[list[dict], list[dict]]:
         elif kind == "epoch" and isinstance(rec.get("epoch"), int):
             epochs[rec["epoch"]] = rec
     return [steps[k] for k in sorted(steps)], [epochs[k] for k in sorted(epochs)]
+
+
+def best_epoch_record(epochs: Iterable[dict]) -> Optional[dict]:
+    """The epoch record with the highest val_map50 (the earliest on ties); None when none has one."""
+    scored = [e for e in epochs if isinstance(e.get("val_map50"), (int, float)) and isinstance(e.get("epoch"), int)]
+    return max(scored, key=lambda e: (e["val_map50"], -e["epoch"])) if scored else None
 
 
 @dataclass

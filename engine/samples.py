@@ -165,6 +165,24 @@ def draw_labeled_box(draw: ImageDraw.ImageDraw, box, color, label: str = "", wid
         draw.text((x1 + 2 - left, ty + 2 - top), label, fill=(0, 0, 0), font=font)
 
 
+def caption_parts(entry: dict, counts: bool = True) -> list[str]:
+    """What a sample is shown with (drawn image, report, dashboard): case, plate counts, IoU, confidence."""
+    parts = [str(entry["kind"]).replace("_", " ")] if entry.get("kind") else []
+    if counts:
+        parts += [f"ground truth {entry.get('gt_count', '—')}", f"predicted {entry.get('pred_count', '—')}"]
+    if entry.get("iou") is not None:
+        parts.append(f"IoU {entry['iou']:.2f}")
+    if entry.get("confidence") is not None:
+        parts.append(f"conf {entry['confidence']:.2f}")
+    return parts
+
+
+def sample_caption(entry: dict, sep: str = " · ") -> str:
+    """One line: the image name, caption_parts, then the measured reasons."""
+    name = str(entry.get("file_name") or entry.get("image_id") or "?")
+    return sep.join([name, *caption_parts(entry), *map(str, entry.get("reasons") or [])])
+
+
 def draw_sample(image: Image.Image, match: dict, entry: dict, score_threshold: float) -> Image.Image:
     """The image with ground truth (green), kept detections (orange matched, red false) and a caption."""
     image = image.convert("RGB")
@@ -180,12 +198,7 @@ def draw_sample(image: Image.Image, match: dict, entry: dict, score_threshold: f
         draw_labeled_box(draw, match["pred_boxes"][d] * scale, color, f"{match['scores'][d]:.2f}", line, font)
     for box in match["gt_boxes"]:  # drawn just outside the box, so a perfect match shows both
         draw_labeled_box(draw, np.asarray(box) * scale + np.array([-line, -line, line, line]), GT_COLOR, "", line)
-    caption = entry["kind"].replace("_", " ")
-    if entry.get("iou") is not None:
-        caption += f"  IoU {entry['iou']:.2f}"
-    if entry.get("confidence") is not None:
-        caption += f"  conf {entry['confidence']:.2f}"
-    lines = [caption] + entry.get("reasons", [])
+    lines = ["  ".join(caption_parts(entry, counts=False))] + list(entry.get("reasons") or [])
     cap_font = label_font(max(11, image.size[0] // 40))
     line_h = draw.textbbox((0, 0), "Ag", font=cap_font)[3] + 4
     canvas = Image.new("RGB", (image.size[0], image.size[1] + line_h * len(lines) + 6), (20, 20, 20))

@@ -150,9 +150,10 @@ class MetricsRecorder:
 
 
 def make_recorder(run_dir: Union[str, Path], purge_step: Optional[int] = None,
-                  tensorboard: bool = True) -> MetricsRecorder:
-    """metrics.jsonl + TensorBoard in `run_dir` on the main process; a silent recorder elsewhere."""
-    if not is_main_process():
+                  tensorboard: bool = True, enabled: Optional[bool] = None) -> MetricsRecorder:
+    """metrics.jsonl + TensorBoard in `run_dir` when `enabled` (default: on the main process);
+    a recorder without writers otherwise."""
+    if not (is_main_process() if enabled is None else enabled):
         return MetricsRecorder([])
     run_dir = Path(run_dir)
     writers: list = [JsonlWriter(run_dir / METRICS_FILE)]

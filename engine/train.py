@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from engine import build, evaluate, runs
 from engine.checkpoint import FORMAT, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
-from engine.config import Config, load_config, save_config, validate_run_name
+from engine.config import Config, default_run_name, load_config, save_config, validate_run_name
 from engine.errors import EngineError, RunError
 from engine.run_state import RunState, StopRequested, StopSignals, initial_fields
 from engine.schedule import EarlyStopping
@@ -63,12 +63,6 @@ class AlreadyCompletedError(RunError):
 
 
 # ----------------------------------------------------------------------------- run names and folders
-def default_run_name(cfg: Config) -> str:
-    stem = Path(cfg.source).stem if cfg.source and not cfg.source.startswith("<") else "run"
-    stem = "".join(c if (c.isalnum() or c in "-_.") else "-" for c in stem) or "run"
-    return f"{stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-
-
 def _claim_new_run(run_dir: Path, ckpt_dir: Path) -> None:
     """Refuse a folder that already holds a run. A folder with only a `queued` status and a
     train.log is fine: that is the dashboard launching this very run."""
@@ -477,7 +471,7 @@ def train(cfg: Config, run_name: Optional[str] = None, resume: bool = False, *,
     Raises EngineError for user-facing problems (after writing `failed` when the run folder is ours).
     """
     cfg = copy.deepcopy(cfg)
-    name = validate_run_name(run_name or cfg.run.name or default_run_name(cfg))
+    name = validate_run_name(run_name or cfg.run.name or default_run_name(cfg.source))
     cfg.run.name = name
     run_dir = runs.run_path(cfg.run.runs_dir, name)
     ckpt_dir = Path(cfg.run.checkpoints_dir) / name

@@ -9,9 +9,33 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-_CANDIDATES = [os.environ.get("PLATES_REAL", ""), ROOT.parent / "shared" / "data" / "plates-real",
-               "/work/shared/data/plates-real"]
-PLATES_REAL = next((Path(c) for c in _CANDIDATES if c and (Path(c) / "train").is_dir()), Path(_CANDIDATES[1]))
+# The real photos (Roboflow export of 378 car photos) are not in the repository: $PLATES_REAL when
+# set, else the first of ../shared/data/plates-real next to the clone, /work/shared/data/plates-real.
+# Without them the tests that need them skip with one reason; REQUIRE_PLATES_REAL=1 (set by .ci/run)
+# makes that a failure, so CI never skips them silently.
+def _is_export(path: Path) -> bool:
+    return (path / "train" / "_annotations.coco.json").is_file()
+
+
+def find_plates_real() -> Path:
+    if os.environ.get("PLATES_REAL"):
+        return Path(os.environ["PLATES_REAL"])
+    candidates = [ROOT.parent / "shared" / "data" / "plates-real", Path("/work/shared/data/plates-real")]
+    return next((c for c in candidates if _is_export(c)), candidates[0])
+
+
+PLATES_REAL = find_plates_real()
+
+
+def require_plates_real() -> Path:
+    """PLATES_REAL, or skip the calling test (fail it under REQUIRE_PLATES_REAL=1) when it is missing."""
+    if _is_export(PLATES_REAL):
+        return PLATES_REAL
+    reason = (f"needs the real photos: no Roboflow export at {PLATES_REAL} "
+              "(set PLATES_REAL=/path/to/plates-real)")
+    if os.environ.get("REQUIRE_PLATES_REAL") == "1":
+        pytest.fail(f"{reason}; REQUIRE_PLATES_REAL=1 forbids skipping", pytrace=False)
+    pytest.skip(reason)
 
 
 def pytest_configure(config):
@@ -23,9 +47,7 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def plates_real() -> Path:
     """The real Roboflow export (read-only). Copy it before modifying anything."""
-    if not (PLATES_REAL / "train" / "_annotations.coco.json").exists():
-        pytest.fail(f"real dataset not found at {PLATES_REAL} (set PLATES_REAL)")
-    return PLATES_REAL
+    return require_plates_real()
 
 
 def make_real_subset(plates_real: Path, out: Path, counts=(("train", 8), ("valid", 4), ("test", 4))) -> Path:

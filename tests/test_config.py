@@ -92,3 +92,69 @@ def test_overrides_are_typed():
     assert cfg.train.epochs == 3 and cfg.input.train_sizes == [128, 160] and cfg.optim.lr == 0.001
     with pytest.raises(ConfigError, match="schedule.min_lr"):
         load_config(ROOT / "configs" / "demo_cpu.yaml", ["optim.lr=1e-6", "schedule.min_lr=1e-3"])
+
+
+def _leaves(data: dict, prefix: str = ""):
+    for key, value in data.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+@pytest.mark.parametrize("name", ["train_plate_detector.yaml", "demo_cpu.yaml"])
+def test_config_files_hold_only_what_differs_from_the_defaults(name):
+    from engine.config import config_from_dict, get_value
+
+    data = yaml.safe_load((ROOT / "configs" / name).read_text()) or {}
+    defaults = config_from_dict({})
+    config_from_dict(data)  # the file loads
+    restated = [key for key, value in _leaves(data) if get_value(defaults, key) == value]
+    assert restated == [], f"{name} restates defaults: {restated}"
+
+
+def test_the_recipe_file_changes_nothing():
+    from engine.config import Config
+
+    assert load_config(ROOT / "configs" / "train_plate_detector.yaml").to_dict() == Config().to_dict()
+
+
+def test_config_table_in_the_docs_is_generated_from_the_code():
+    from engine.config import replace_reference_table
+
+    text = (ROOT / "docs" / "engine.md").read_text(encoding="utf-8")
+    assert replace_reference_table(text) == text, "run: python -m engine config-doc --write docs/engine.md"
+
+
+def test_config_table_lists_every_key_with_its_default_and_comment():
+    from engine.config import reference_rows, reference_table
+
+    rows = {key: (default, meaning) for key, default, meaning in reference_rows()}
+    assert rows["train.batch_size"][0] == "16"
+    assert rows["input.train_sizes"][0].startswith("[800,") and rows["input.train_sizes"][0].endswith("1333]")
+    assert rows["eval.iou_threshold"][1].startswith("a detection matches")
+    assert "source" not in rows
+    assert "| `dist.timeout_s` | `1800.0` |" in reference_table()
+
+
+def test_config_doc_command_rewrites_only_the_table(tmp_path):
+    doc = tmp_path / "engine.md"
+    from engine.config import TABLE_END, TABLE_START
+
+    doc.write_text(f"intro\n{TABLE_START}\nstale\n{TABLE_END}\noutro\n")
+    result = run_cli("config-doc", "--write", str(doc))
+    assert result.returncode == 0, result.stderr
+    text = doc.read_text()
+    assert text.startswith("intro\n") and text.endswith(f"{TABLE_END}\noutro\n") and "stale" not in text
+    assert "| `train.epochs` | `50` |" in text
+
+
+def test_default_run_name_is_the_config_stem_and_time():
+    import datetime as dt
+
+    from engine.config import default_run_name
+
+    when = dt.datetime(2024, 1, 2, 3, 4, 5)
+    assert default_run_name("configs/demo_cpu.yaml", when) == "demo_cpu-20240102-030405"
+    assert default_run_name("<dict>", when) == "run-20240102-030405"
+    assert default_run_name("my config!.yaml", when) == "my-config--20240102-030405"

@@ -1,4 +1,4 @@
-"""evaluate_checkpoint, validate and probes on a tiny really-trained checkpoint and real plate photos."""
+"""evaluate_checkpoint and validate on a tiny really-trained checkpoint and real plate photos."""
 import json
 import shutil
 from pathlib import Path
@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
 
 from engine import metrics
 from engine.checkpoint import save_checkpoint
@@ -16,7 +15,6 @@ from engine.data import PlateDataset, collate_fn, load_split
 from engine.errors import EngineError
 from engine.evaluate import EvaluationError, evaluate_checkpoint, predict_loader, validate
 from engine.model import build_model, load_model_from_checkpoint
-from engine.probes import select_probe_images, write_probes
 
 TINY = {"model": {"name": "fasterrcnn_mobilenet_v3_large_320_fpn", "weights": "none"},
         "input": {"train_sizes": [128], "test_size": 128, "max_size": 160},
@@ -167,29 +165,3 @@ def test_validate_and_predict_loader(tiny):
     for key in ("map50", "map50_95", "precision", "recall", "f1"):
         assert 0.0 <= result[key] <= 1.0
     assert result["map50"] == pytest.approx(metrics.coco_map(gts, preds)["map50"], abs=0.05)
-
-
-def test_probes_written_per_epoch(tiny):
-    tmp, ckpt = tiny
-    model, cfg = load_model_from_checkpoint(ckpt)
-    split = load_split(cfg.data.root, "valid")
-    chosen = select_probe_images(split, 2, seed=3)
-    assert chosen == select_probe_images(split, 2, seed=3)
-    assert all(len(r.boxes) for r in chosen)  # images with plates first
-    assert len(select_probe_images(split, 8, seed=3)) == 3  # all there is, the negative last
-    run_dir = tmp / "runs" / "probe-run"
-    model.train()
-    write_probes(model, chosen, run_dir, 1, "cpu", test_size=96)
-    assert model.training and model.transform.test_size == 128
-    index = write_probes(model, chosen, run_dir, 2, "cpu", test_size=96)
-    write_probes(model, chosen, run_dir, 2, "cpu", test_size=96)  # a resumed run repeats an epoch
-    saved = json.loads((run_dir / "probes" / "index.json").read_text())
-    assert saved == index and saved["epochs"] == [1, 2]
-    assert [im["id"] for im in saved["images"]] == [r.id for r in chosen]
-    for epoch in ("1", "2"):
-        for r in chosen:
-            entry = saved["detections"][epoch][str(r.id)]
-            assert entry["file"] == f"epoch_{int(epoch):03d}/{r.id}.jpg"
-            assert len(entry["boxes"]) == len(entry["scores"])
-            with Image.open(run_dir / "probes" / entry["file"]) as im:
-                assert max(im.size) == 160

@@ -1,4 +1,5 @@
 """engine/runs.py: the status.json writers of launchers and refused starts; who may write status.json."""
+import os
 import re
 import time
 from pathlib import Path
@@ -39,3 +40,58 @@ def test_status_json_is_written_only_by_engine_runs():
                 if writes.search(line):
                     offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert offenders == []
+
+
+def test_read_jsonl_leaves_a_half_written_line_for_the_next_read(tmp_path):
+    path = tmp_path / runs.METRICS_FILE
+    runs.append_jsonl(path, {"type": "step", "step": 1})
+    with open(path, "a") as fh:
+        fh.write('not json\n{"type": "step", "st')
+    records, offset = runs.read_jsonl(path)
+    assert records == [{"type": "step", "step": 1}]
+    with open(path, "a") as fh:
+        fh.write('ep": 2}\n')
+    more, _ = runs.read_jsonl(path, offset)
+    assert more == [{"type": "step", "step": 2}]
+
+
+def test_dedupe_keeps_the_newest_record_per_step_and_epoch():
+    steps, epochs = runs.dedupe_records([{"type": "step", "step": 2, "loss": 1}, {"type": "step", "step": 1},
+                                         {"type": "step", "step": 2, "loss": 3}, {"type": "epoch", "epoch": 1}])
+    assert [(s["step"], s.get("loss")) for s in steps] == [(1, None), (2, 3)] and len(epochs) == 1
+
+
+def test_effective_state_derives_crashed_and_stalled():
+    now = time.time()
+    live = {"state": "running", "host": runs.hostname(), "pid": os.getpid(), "updated_at": now}
+    assert runs.effective_state(live, now) == "running"
+    assert runs.effective_state({**live, "updated_at": now - runs.STALL_AFTER_S - 1}, now) == "stalled"
+    assert runs.effective_state({**live, "pid": 2 ** 22 + 12345}, now) == "crashed"
+    assert runs.effective_state({**live, "host": "elsewhere", "pid": 2 ** 22 + 12345}, now) == "running"
+    assert runs.effective_state({"state": "completed"}, now) == "completed" and runs.effective_state(None) == "unknown"
+
+
+def test_best_epoch_record_takes_the_earliest_of_equal_scores():
+    epochs = [{"epoch": 1, "val_map50": 0.5}, {"epoch": 2, "val_map50": 0.7}, {"epoch": 3, "val_map50": 0.7},
+              {"epoch": 4, "val_map50": None}]
+    assert runs.best_epoch_record(epochs)["epoch"] == 2
+    assert runs.best_epoch_record([{"epoch": 1, "val_map50": None}]) is None
+
+
+def test_read_config_and_list_runs_tolerate_broken_folders(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / runs.CONFIG_FILE).write_text("train: [unclosed\n")
+    (tmp_path / "b").mkdir()
+    runs.StatusWriter(tmp_path / "b", run="b").update(state="queued")
+    (tmp_path / "not-a-run").mkdir()
+    assert runs.read_config(tmp_path / "a") == {} and runs.read_config(tmp_path / "missing") == {}
+    assert sorted(runs.list_run_names(tmp_path)) == ["a", "b"]
+
+
+def test_status_writer_heartbeat_writes_at_most_every_n_seconds(tmp_path):
+    writer = runs.StatusWriter(tmp_path, run="r")
+    writer.update(state="running", step=1)
+    writer.heartbeat(every=3600, step=2)
+    assert runs.read_status(tmp_path)["step"] == 1 and writer.status["step"] == 2
+    writer.heartbeat(every=0, step=3)
+    assert runs.read_status(tmp_path)["step"] == 3

@@ -121,3 +121,14 @@ def test_write_samples_draws_files(tmp_path, crafted):
         arr = np.asarray(im.convert("RGB")).astype(int)
     green = (arr[..., 1] > 150) & (arr[..., 0] < 80) & (arr[..., 2] < 80)
     assert green.sum() > 50
+
+
+def test_one_caption_for_the_image_the_report_and_the_dashboard():
+    from engine.samples import caption_parts, sample_caption
+
+    entry = {"kind": "low_iou", "image_id": 7, "file_name": "Cars7.jpg", "gt_count": 2, "pred_count": 1,
+             "iou": 0.512, "confidence": 0.9, "reasons": ["small plate (0.4% of the image)"]}
+    assert caption_parts(entry, counts=False) == ["low iou", "IoU 0.51", "conf 0.90"]
+    assert sample_caption(entry) == ("Cars7.jpg · low iou · ground truth 2 · predicted 1 · IoU 0.51 · conf 0.90"
+                                      " · small plate (0.4% of the image)")
+    assert sample_caption({"image_id": 3}, " — ") == "3 — ground truth — — predicted —"

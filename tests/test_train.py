@@ -20,7 +20,6 @@ from engine import runs
 from engine.checkpoint import FORMAT, load_checkpoint
 from engine.config import config_from_dict, load_config
 from engine.errors import EngineError
-from engine.tracking import JsonlWriter, MetricsRecorder, TensorBoardWriter
 from engine.train import RunError, load_run_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -299,26 +298,6 @@ def test_sigterm_stops_with_last_checkpoint(work):
     log = (run_dir / runs.LOG_FILE).read_text()
     assert log.count("Starting Training") == 1  # stdout is train.log: no second file handler
     assert "Stopped at step" in log and "SIGTERM" in log
-
-
-# ----------------------------------------------------------------------------- small parts
-def test_recorder_writes_jsonl_and_tensorboard_with_purge(tmp_path):
-    rec = MetricsRecorder([JsonlWriter(tmp_path / runs.METRICS_FILE), TensorBoardWriter(tmp_path)])
-    for step in (1, 2, 3):
-        rec.record_step(step, 1, loss=1.0 / step, lr=0.1, grad_norm=float("nan"), images_per_s=torch.tensor(2.0),
-                        loss_classifier=0.1, loss_box_reg=0.1, loss_objectness=0.1, loss_rpn_box_reg=0.1)
-    rec.close()  # "crash" after step 3; the checkpoint was at step 2
-    rec = MetricsRecorder([JsonlWriter(tmp_path / runs.METRICS_FILE), TensorBoardWriter(tmp_path, purge_step=3)])
-    rec.record_step(3, 2, loss=0.25, lr=0.05)
-    rec.record_epoch(2, 3, train_loss=0.5, val_map50=0.7, is_best=True)
-    rec.close()
-
-    steps, epochs = runs.read_metrics(tmp_path)
-    assert [s["step"] for s in steps] == [1, 2, 3] and steps[2]["loss"] == 0.25  # newest record per step
-    assert steps[0]["grad_norm"] is None and steps[0]["images_per_s"] == 2.0  # NaN -> null, tensors -> numbers
-    assert epochs[0]["val_map50"] == 0.7 and epochs[0]["is_best"] is True and set(epochs[0]) == EPOCH_KEYS
-    _, loss = _scalars(tmp_path, "train/loss")
-    assert loss == [(1, 1.0), (2, 0.5), (3, 0.25)]  # the orphaned step-3 event was purged
 
 
 # ----------------------------------------------------------------------------- eval settings, final stop, AMP on CPU

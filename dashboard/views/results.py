@@ -43,7 +43,7 @@ def _metric_row(values: dict, prefix: str):
     cols = st.columns(6)
     for col, (key, label) in zip(cols, (("map50", "mAP@0.5"), ("precision", "precision"), ("recall", "recall"),
                                         ("f1", "F1"), ("map50_95", "mAP@0.5:0.95"))):
-        target = settings.TARGETS.get(key)
+        target = rd.TARGETS.get(key)
         value = values.get(key)
         delta = None
         if target is not None and value is not None:
@@ -75,7 +75,7 @@ def _validation() -> None:
 
 def _evaluation_progress() -> None:
     pid = launch.evaluate_pid(run, runs_dir)
-    log = rd.test_dir(run_dir) / launch.EVALUATE_LOG
+    log = rd.test_dir(run_dir) / runs.EVALUATE_LOG
     if pid:
         st.info(f"Evaluating on the test set (pid {pid}) ...")
         st.code(series.log_tail(log, max_lines=8) or "(starting)", language=None, wrap_lines=True)
@@ -179,14 +179,7 @@ def _probes() -> None:
 
 def _baselines() -> None:
     st.subheader("Baseline comparison")
-    cfg_model = "model"
-    try:
-        import yaml
-
-        cfg = yaml.safe_load((run_dir / runs.CONFIG_FILE).read_text(encoding="utf-8")) or {}
-        cfg_model = (cfg.get("model") or {}).get("name") or cfg_model
-    except Exception:
-        pass
+    cfg_model = (runs.read_config(run_dir).get("model") or {}).get("name") or "model"
     if test:
         ours = {"map50": test["map50"], "params": test["params"], "fps": test["fps"],
                 "source": f"measured: test set, {test.get('device') or 'device ?'}"}
@@ -240,15 +233,13 @@ def _report() -> None:
     built = st.session_state.get("_report", {}).get(run)
     if st.button("Build RESULTS.md", icon=":material/description:", key="btn_report"):
         try:
-            built = rd.build_report(run, runs_dir, checkpoints_dir, run_dir / "report")
+            built = rd.build_report(run, runs_dir, checkpoints_dir, run_dir / runs.REPORT_DIR)
             st.session_state.setdefault("_report", {})[run] = built
-        except ImportError:
-            st.warning("Report generation is not available: engine/report.py (write_report) is missing.")
         except EngineError as exc:
             st.error(str(exc))
     if built:
         c1, c2 = st.columns(2)
-        c1.download_button("RESULTS.md", built.markdown, icon=":material/download:", file_name="RESULTS.md", mime="text/markdown",
+        c1.download_button(runs.REPORT_FILE, built.markdown, icon=":material/download:", file_name=runs.REPORT_FILE, mime="text/markdown",
                            on_click="ignore", key="dl_report_md")
         c2.download_button("RESULTS.zip (with images)", built.zip_bytes, icon=":material/download:", file_name=f"RESULTS-{run}.zip",
                            mime="application/zip", on_click="ignore", key="dl_report_zip")

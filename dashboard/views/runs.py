@@ -75,15 +75,14 @@ def _table() -> None:
         "best mAP@0.5": st.column_config.NumberColumn(format="%.3f"),
     })
     _actions(rows)
-    alive_now = any(r.alive for r in rows)
-    if st.session_state.get("_runs_alive") and not alive_now:
+    if st.session_state.get("_runs_alive") and runs_table.poll_interval(rows) is None:
         st.session_state["_runs_alive"] = False
-        st.rerun()  # full rerun: poll slowly again
+        st.rerun()  # full rerun: the last live run ended, stop polling
 
 
-any_alive = any(r.alive for r in runs_table.build_rows(runs_dir))
-st.session_state["_runs_alive"] = any_alive
-st.fragment(_table, run_every="3s" if any_alive else "15s")()
+poll = runs_table.poll_interval(runs_table.build_rows(runs_dir))
+st.session_state["_runs_alive"] = poll is not None
+st.fragment(_table, run_every=poll)()
 
 
 # ----------------------------------------------------------------------------- new run form

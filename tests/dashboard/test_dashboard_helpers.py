@@ -233,12 +233,15 @@ def test_test_summary_thresholds_samples_and_probes(tmp_path):
     run = make_run(tmp_path, "r", with_test=True, with_probes=True, epochs_done=2)
     m = rd.read_test_metrics(run)
     s = rd.test_summary(m)
-    assert s["map50"] == 0.62 and s["fps"] == pytest.approx(11.36) and s["ms_per_image"] == 85.0
-    assert s["images"] == 39 and s["params"] == 18930000
-    assert rd.thresholds(m) == {"deployment": 0.5, "max F1": 0.42}
+    assert s["map50"] == m["map50"] and s["fps"] == pytest.approx(11.36) and s["ms_per_image"] == 85.0
+    assert (s["precision"], s["recall"]) == (pytest.approx(7 / 9), pytest.approx(0.7))
+    assert s["images"] == 10 and s["params"] == 18930000 and s["device"] == "CPU"
+    assert rd.thresholds(m) == {"deployment": 0.5, "max F1": m["best_f1"]["threshold"]}
     groups = rd.samples(run)
-    assert groups["good"][0]["path"].is_file() and groups["challenging"][0]["kind"] == "missed"
-    assert "small plate" in rd.sample_caption(groups["challenging"][0])
+    assert groups["good"][0]["path"].is_file()
+    assert {i["kind"] for i in groups["challenging"]} == {"missed", "false_positive", "low_iou"}
+    missed = next(i for i in groups["challenging"] if i["kind"] == "missed" and i["pred_count"] == 0)
+    assert rd.sample_caption(missed).startswith(f"{missed['file_name']} · missed · ground truth 1 · predicted 0")
     assert rd.probe_epochs(run) == [1, 2]
     images = rd.probe_images(run, 2)
     assert [p.name for p, _ in images] == ["0.jpg", "1.jpg"]
@@ -276,7 +279,7 @@ def test_build_report_gives_markdown_and_zip(tmp_path):
 
     run = make_run(tmp_path / "runs", "r", with_test=True)
     rep = rd.build_report("r", tmp_path / "runs", tmp_path / "ck", tmp_path / "out")
-    assert "r" in rep.markdown and rep.path.is_file()
+    assert "Run `r`" in rep.markdown and rep.path == tmp_path / "out" / "RESULTS.md" and rep.path.is_file()
     names = zipfile.ZipFile(io.BytesIO(rep.zip_bytes)).namelist()
     assert "RESULTS.md" in names and run.is_dir()
 
@@ -288,7 +291,7 @@ def test_dataset_summary_from_run_file(tmp_path):
     assert root.endswith("plates-real")
     rows = dataset_view.summary_table(splits)
     assert [r["split"] for r in rows] == ["train", "valid", "test"] and rows[0]["images"] == 264
-    assert dataset_view.splits_from_file({"splits": {"train": {"images": 1}}}) == {"train": {"images": 1}}
+    assert dataset_view.splits_from_file({"train": {"images": 1}, "note": "x"}) == {"train": {"images": 1}}
     assert dataset_view.splits_from_file(None) == {}
 
 

@@ -61,6 +61,32 @@ def test_every_page_with_all_run_states(all_states):
 
 
 # ----------------------------------------------------------------------------- runs
+def _fragment_intervals(monkeypatch) -> list:
+    """Record the run_every of every st.fragment the page creates."""
+    import streamlit as st
+
+    seen, real = [], st.fragment
+
+    def fragment(func=None, *, run_every=None):
+        seen.append(run_every)
+        return real(func, run_every=run_every)
+
+    monkeypatch.setattr(st, "fragment", fragment)
+    return seen
+
+
+def test_runs_page_polls_only_while_a_run_is_alive(dash_env, monkeypatch):
+    seen = _fragment_intervals(monkeypatch)
+    make_run(dash_env["runs"], "done")
+    make_run(dash_env["runs"], "dead", state="crashed")
+    assert not app_test().exception
+    assert seen and set(seen) == {None}
+    seen.clear()
+    make_run(dash_env["runs"], "live", state="running")
+    assert not app_test().exception
+    assert seen and set(seen) == {"3s"}
+
+
 def test_runs_table_shows_every_state_and_derived_ones(all_states):
     at = app_test()
     df = at.dataframe[0].value
@@ -228,7 +254,8 @@ def test_results_page_completed_run(all_states):
     assert not at.exception
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["val mAP@0.5"] == "0.900" and metrics["best epoch"] == "3 / 3"
-    assert metrics["test mAP@0.5"] == "0.620" and metrics["ms / image"] == "85.0"
+    test = runs.read_json(all_states["runs"] / "done" / runs.TEST_DIR / runs.TEST_METRICS_FILE)
+    assert metrics["test mAP@0.5"] == f"{test['map50']:.3f}" and metrics["ms / image"] == "85.0"
     deltas = {m.label: m.delta for m in at.metric}
     assert deltas["val mAP@0.5"].startswith("met") and deltas["test mAP@0.5"].startswith("missed")
     frames = [d.value for d in at.dataframe]

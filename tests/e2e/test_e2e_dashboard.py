@@ -139,14 +139,16 @@ def test_predict_a_real_photo_and_reject_a_non_image(dash, server, plates_real, 
     slider = dash.get_by_role("slider")
     slider.focus()
     dash.keyboard.press("Home")  # lowest threshold: the boxes are re-filtered, the model is not re-run
-    dash.get_by_text(re.compile(r"plate\(s\) ≥ 0\.05")).first.wait_for(timeout=30_000)
+    caption = dash.get_by_text(re.compile(r"plate\(s\) ≥ 0\.05")).first
+    caption.wait_for(timeout=30_000)
     low = int(dash.locator('[data-testid="stMetricValue"]').first.inner_text())
-    assert low >= 0
+    assert low == int(re.search(r"(\d+) plate\(s\) ≥ 0\.05", caption.inner_text()).group(1))
     # back to the deployment threshold 0.50, one step at a time, waiting for each refresh
     for step in range(1, 46):
         dash.keyboard.press("ArrowRight")
         dash.get_by_text(re.compile(rf"plate\(s\) ≥ {0.05 + step / 100:.2f}$")).first.wait_for(timeout=30_000)
     dash.locator('[data-testid="stStatusWidget"]').wait_for(state="hidden", timeout=30_000)
+    assert int(dash.locator('[data-testid="stMetricValue"]').first.inner_text()) <= low  # fewer at 0.50 than at 0.05
     no_exception(dash)
     snap(dash, shots / "predict.png")
 

@@ -1,7 +1,6 @@
 """engine/launch.py: detached start, atomic name claim, stop by process group, resume/evaluate guards."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -74,7 +73,7 @@ def test_double_start_gives_one_detached_process_that_reports_its_failure(tmp_pa
     run_dir = tmp_path / "runs" / "twice"
     status = runs.read_status(run_dir)
     assert status["state"] in ("queued", "running", "failed") and status["host"] == runs.hostname()
-    assert os.getpgid(pid) == pid if runs.pid_alive(pid) else True  # its own session / process group
+    assert _wait(lambda: (runs.read_status(run_dir) or {}).get("pgid") == pid)  # its own session / process group
     assert _wait(lambda: (runs.read_status(run_dir) or {}).get("state") == "failed")
     assert _wait(lambda: not runs.pid_alive(pid), 30)
     status = runs.read_status(run_dir)
