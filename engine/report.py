@@ -18,8 +18,6 @@ import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
 from engine import formatting as fmt, runs
 from engine.config import validate_run_name
 from engine.errors import EngineError
