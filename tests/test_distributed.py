@@ -25,7 +25,7 @@ from engine.evaluate import predict_loader, validate
 from engine.model import load_model_from_checkpoint
 from engine.schedule import WarmupCosineLR, warmup_steps_for
 
-from conftest import make_real_subset
+from tests.conftest import make_real_subset
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 VALID_IMAGES = 5  # odd: the 2-rank sampler pads one image
