@@ -200,7 +200,7 @@ def test_live_page_running_run_with_half_written_line(all_states):
     assert any("Refreshing every 3 s" in t for t in _texts(at, "caption"))
     tails = at.session_state["_live_tails"]
     [tail] = tails.values()
-    assert [s["step"] for s in tail.steps] == [1, 2, 3, 4]  # the half line is not read
+    assert list(tail.buffer.column("step")) == [1, 2, 3, 4]  # the half line is not read
 
 
 def test_live_page_overlays_several_runs_and_stops_polling_for_ended_runs(all_states):
