@@ -325,7 +325,7 @@ def test_predict_page_real_photo_threshold_and_bad_files(dash_env, real_checkpoi
     assert plates == str(sum(s >= 0.05 for s in pred["scores"]))
     assert at.session_state["_predictions"] == cache  # the slider re-filtered without a new prediction
     labels = [b.label for b in at.get("download_button")]
-    assert labels == ["Annotated PNG", "Boxes JSON"]
+    assert labels == ["Annotated JPEG (full size)", "Boxes JSON"]
 
 
 def test_predict_page_corrupt_checkpoint_is_one_line(dash_env):
