@@ -11,6 +11,7 @@ starts over when the file is replaced or truncated.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from engine.tracking import EPOCH_KEYS, STEP_KEYS
 STEP_COLUMNS = ("epoch", "time") + STEP_KEYS  # float64 columns next to the int64 step column
 EPOCH_FIELDS = ("epoch", "step", "time") + EPOCH_KEYS
 CHUNK_BYTES = 8 << 20  # pyarrow block size; also the unit the fallback parse works on
+SMALL_BYTES = 256 << 10  # below this, the line-by-line parse is faster than starting pyarrow
 
 
 @dataclass
@@ -120,9 +122,13 @@ def _parse_fast(data) -> Chunk:
 
 
 def parse(data) -> Chunk:
-    """Records of complete JSON lines (data should end with a newline); bad lines are skipped."""
+    """Records of complete JSON lines (data should end with a newline); bad lines are skipped.
+
+    A poll's few new lines go through json.loads (pyarrow's reader costs milliseconds to start)."""
     if not len(data):
         return Chunk.empty()
+    if len(data) < SMALL_BYTES:
+        return _parse_lines(bytes(data))
     try:
         return _parse_fast(data)
     except Exception:  # pyarrow refuses a whole block for one bad line (or is missing)
@@ -191,12 +197,27 @@ class MetricsFile:
             return Chunk.empty()
         try:
             with open(self.path, "rb") as fh:
+                if size - self.offset > CHUNK_BYTES:  # a first load: map the file instead of copying it
+                    with mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_READ) as mapped:
+                        return self._consume(memoryview(mapped)[self.offset:size])
                 fh.seek(self.offset)
                 data = fh.read(size - self.offset)
-        except OSError:
+        except (OSError, ValueError):
             return Chunk.empty()
-        end = data.rfind(b"\n")
-        if end < 0:
-            return Chunk.empty()  # only a half-written line so far
-        self.offset += end + 1
-        return parse_in_chunks(memoryview(data)[: end + 1])
+        return self._consume(memoryview(data))
+
+    def _consume(self, data: memoryview) -> Chunk:
+        """Parse the complete lines of `data` (read from self.offset) and move the offset past them."""
+        try:
+            end = bytes(data[-65536:]).rfind(b"\n")
+            if end < 0:
+                end = bytes(data).rfind(b"\n")
+            else:
+                end += max(0, len(data) - 65536)
+            if end < 0:
+                return Chunk.empty()  # only a half-written line so far
+            chunk = parse_in_chunks(data[: end + 1])
+            self.offset += end + 1
+            return chunk
+        finally:
+            data.release()

@@ -25,6 +25,8 @@ from dashboard.metrics_columns import STEP_COLUMNS, Chunk
 
 MAX_BUCKETS = 2048
 EMA_BLOCK = 128
+BUCKET_KEYS = ("loss", "loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg", "lr", "grad_norm",
+               "images_per_s")  # the charted columns; others are bucketed on demand (window)
 
 
 @dataclass
@@ -71,7 +73,7 @@ class StepBuffer:
         self.width = 1
         self.nb = 0  # buckets in use: bucket b holds steps [b*width, (b+1)*width)
         self.rows = np.zeros(0, np.int64)  # records per bucket
-        self.stats = {k: np.zeros((5, 0)) for k in STEP_COLUMNS}  # min, max, sum, finite, missing
+        self.stats = {k: np.zeros((5, 0)) for k in BUCKET_KEYS}  # min, max, sum, finite, missing
         self.version = 0  # bumped by every change
         self._ema: dict = {}  # (key, weight) -> (raw EMA per row, finite count per row, rows valid)
 
@@ -190,7 +192,7 @@ class StepBuffer:
             return
         lo_row, hi_row = int(starts[0]), int(ends[-1])
         bounds = np.stack([starts, ends], axis=1).ravel() - lo_row
-        for k in STEP_COLUMNS:
+        for k in BUCKET_KEYS:
             self.stats[k][:, buckets] = np.stack(_reduce(self.cols[k][lo_row:hi_row], bounds))
 
     # ------------------------------------------------------------------ reading
@@ -198,6 +200,8 @@ class StepBuffer:
         """The whole run as at most `max_buckets` points (every record when the run is short)."""
         if self.width == 1:
             return self._raw(key, 0, self.n)
+        if key not in self.stats:
+            return self.window(key, int(self.step[0]), int(self.step[self.n - 1]), self.max_buckets)
         full = np.flatnonzero(self.rows[: self.nb] > 0)
         s = self.stats[key][:, full]
         return self._bucket_series(full, s, self.width)

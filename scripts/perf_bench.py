@@ -362,30 +362,45 @@ def _our_loop(cfg_settings: list, name: str, work: Path, silent: bool) -> tuple[
     return images / span, wait
 
 
-def bench_loop(plates_real: Path, work: Path, n_train: int = 48) -> list[Row]:
+def _plain_loop(settings: list) -> float:
     import subprocess
 
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "plain_loop.py"), "--config", "configs/demo_cpu.yaml",
+                          *sum((["--set", s] for s in settings), [])], cwd=ROOT, capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["images_per_s"]
+
+
+def bench_loop(plates_real: Path, work: Path, n_train: int = 32, rounds: int = 3) -> list[Row]:
+    """Plain loop, our loop, our loop with an in-memory recorder, interleaved `rounds` times (medians):
+    on a shared machine the load drifts, interleaving spreads the drift over all three."""
     data = _subset(plates_real, work / "data", n_train)
     settings = LOOP_SETTINGS + [f"data.root={data}"]
-    plain = subprocess.run([sys.executable, str(ROOT / "scripts" / "plain_loop.py"), "--config", "configs/demo_cpu.yaml",
-                            *sum((["--set", s] for s in settings), [])], cwd=ROOT, capture_output=True, text=True)
-    if plain.returncode:
-        return [("plain loop", f"failed: {plain.stderr.strip().splitlines()[-1:]}", CMD)]
-    plain_ips = json.loads(plain.stdout.strip().splitlines()[-1])["images_per_s"]
-    ours, wait = _our_loop(settings, "loop-tracked", work, silent=False)
+    plain, ours, silent, waits, errors = [], [], [], [], []
+    for i in range(rounds):
+        plain.append(_plain_loop(settings))
+        ips, wait = _our_loop(settings, f"loop-tracked-{i}", work, silent=False)
+        ours.append(ips)
+        waits.append(wait)
+        try:
+            silent.append(_our_loop(settings, f"loop-silent-{i}", work, silent=True)[0])
+        except Exception as exc:  # the loop is being restructured: its recorder hook may move
+            errors.append(f"{type(exc).__name__}: {exc}")
+    p, o = statistics.median(plain), statistics.median(ours)
     rows = [
         (f"anchor: plain loop (scripts/plain_loop.py, torchvision reference shape), {n_train} real photos, batch 4, "
-         "320 model, CPU", f"{plain_ips:.2f} images/s", CMD),
-        ("our loop (engine.train, tracking on)", f"{ours:.2f} images/s ({ours / plain_ips:.3f}x the plain loop)", CMD),
-        ("our loop: fraction of step time waiting for data (num_workers 0)", f"{wait:.3f}", CMD),
+         f"320 model, CPU, median of {rounds} interleaved rounds", f"{p:.2f} images/s ({', '.join(f'{v:.2f}' for v in plain)})", CMD),
+        ("our loop (engine.train, tracking on)",
+         f"{o:.2f} images/s ({', '.join(f'{v:.2f}' for v in ours)}); {o / p:.3f}x the plain loop", CMD),
+        ("our loop: fraction of step time waiting for data (num_workers 0)", f"{statistics.median(waits):.3f}", CMD),
     ]
-    try:
-        silent, _ = _our_loop(settings, "loop-silent", work, silent=True)
-        rows.append(("our loop with an in-memory recorder (no JSONL/TensorBoard); tracking overhead",
-                     f"{silent:.2f} images/s; overhead {(silent / ours - 1) * 100:+.1f}%", CMD))
-    except Exception as exc:  # the loop is being restructured: its recorder hook may move
-        rows.append(("TODO tracking overhead (tracking on vs a no-op recorder)",
-                     f"not measurable here: {type(exc).__name__}: {exc}", CMD))
+    if silent:
+        s_ = statistics.median(silent)
+        rows.append(("our loop with an in-memory recorder (no JSONL/TensorBoard writes)",
+                     f"{s_:.2f} images/s ({', '.join(f'{v:.2f}' for v in silent)}); JSONL+TensorBoard overhead "
+                     f"{(s_ / o - 1) * 100:+.1f}%", CMD))
+    else:
+        rows.append(("TODO tracking overhead (tracking on vs a no-op recorder)", f"not measurable: {errors[0]}", CMD))
     rows.append(("TODO tracking overhead incl. status heartbeat + probes, measured inside the loop",
                  "needs the restructured loop's no-op recorder switch", CMD))
     return rows

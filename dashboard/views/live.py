@@ -47,17 +47,26 @@ def _tail(name: str) -> series.RunTail:
     return tail
 
 
+def _zoom_to_latest() -> None:
+    """Switching the zoom on starts at the newest 2,000 steps of the first run shown."""
+    if not st.session_state.get("live_zoom"):
+        return
+    tails = [_tail(n) for n in st.session_state.get("live_runs") or []]
+    last = max((int(t.buffer.column("step")[-1]) for t in tails if len(t.buffer)), default=0)
+    st.session_state["live_zoom_from"] = max(0, last - 2000)
+    st.session_state["live_zoom_to"] = 0
+
+
 def _step_range() -> Optional[tuple]:
     """(first, last) step to re-read at full resolution, or None for the whole run (downsampled)."""
     r1, r2, r3 = st.columns([1.4, 1, 1], vertical_alignment="bottom")
-    on = r1.toggle("Zoom to a step range (every record)", key="live_zoom",
+    on = r1.toggle("Zoom to a step range (every record)", key="live_zoom", on_change=_zoom_to_latest,
                    help="Long runs are drawn as a min–max band and a mean per bucket of steps; a range re-reads "
                         "its steps from the file at full resolution.")
     if not on:
         return None
-    first = r2.number_input("first step", min_value=0, value=0, step=100, key="live_zoom_from")
-    last = r3.number_input("last step", min_value=0, value=0, step=100, key="live_zoom_to",
-                           help="0 = the newest step")
+    first = r2.number_input("first step", min_value=0, step=100, key="live_zoom_from")
+    last = r3.number_input("last step", min_value=0, step=100, key="live_zoom_to", help="0 = the newest step")
     return int(first), int(last) if last else 2**62
 
 

@@ -189,3 +189,23 @@ def test_a_poll_after_a_million_steps_reads_only_what_is_new(million_step_run, t
     csv = series.step_csv(tail)
     assert csv.count(b"\n") == N_STEPS + 81
     assert math.isclose(float(csv.splitlines()[-1].split(b",")[3]), 0.1)
+
+
+def test_a_large_file_with_a_glued_line_keeps_every_good_record(tmp_path):
+    path = tmp_path / runs.METRICS_FILE
+    lines = [json.dumps({"type": "step", "step": i, "epoch": 1, "loss": 1.0, "pad": "x" * 300}) + "\n"
+             for i in range(1, 30_001)]
+    lines[15_000] = lines[15_000][:40] + lines[15_001]  # a crash mid-line, then the resumed writer's line
+    path.write_text("".join(lines))
+    assert path.stat().st_size > metrics_columns.CHUNK_BYTES  # the memory-mapped first load
+    chunk = metrics_columns.MetricsFile(path).read_new()
+    assert len(chunk) == 29_999 and 15_001 not in set(chunk.steps.tolist())
+
+
+def test_uncharted_columns_are_bucketed_on_demand():
+    buf = step_buffer.StepBuffer(max_buckets=16)
+    chunk = _chunk(np.arange(1, 1001), RNG.random(1000))
+    chunk.columns["data_time_s"] = np.arange(1000.0)
+    buf.add(chunk)
+    s = buf.series("data_time_s")
+    assert len(s) <= 16 and s.high.max() == 999.0 and s.low.min() == 0.0
