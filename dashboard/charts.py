@@ -21,7 +21,7 @@ def _layout(fig: go.Figure, title: str, key: str, x_axis: str, y_title: str = ""
     fig.update_layout(
         title=dict(text=title, x=0.01, font=dict(size=15)), height=height, uirevision=key,
         margin=dict(l=50, r=10, t=40, b=40), legend=dict(orientation="h", y=-0.2, x=0),
-        hovermode="x unified", template="plotly_white",
+        hovermode="x unified", template="plotly_white", dragmode="zoom",
     )
     fig.update_xaxes(title_text=X_TITLES.get(x_axis, x_axis), type="date" if x_axis == "wall time" else None)
     fig.update_yaxes(title_text=y_title, type="log" if log_y else "linear")

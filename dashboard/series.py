@@ -150,6 +150,42 @@ class RunTail:
         return self.run_dir.name
 
 
+def steps_in_x_range(tail: RunTail, x_axis: str, x0, x1) -> Optional[tuple[int, int]]:
+    """The (first, last) step whose x on the given axis lies in [x0, x1] (a box drawn on a chart), or None.
+
+    x is a step number, a fractional epoch, or for "wall time" a date string / ms since 1970 (local time).
+    """
+    buf = tail.buffer
+    if not len(buf):
+        return None
+    try:
+        if x_axis == "wall time":
+            lo, hi = (_as_unix_time(v) for v in (x0, x1))
+            times = buf.column("time")
+            inside = np.flatnonzero((times >= min(lo, hi)) & (times <= max(lo, hi)))
+            if not len(inside):
+                return None
+            steps = buf.column("step")[inside]
+            return int(steps.min()), int(steps.max())
+        lo, hi = sorted((float(x0), float(x1)))
+        if x_axis == "epoch":
+            spe = tail.steps_per_epoch or 0
+            if not spe:
+                return None
+            lo, hi = lo * spe, hi * spe
+    except (TypeError, ValueError, OverflowError):
+        return None
+    first, last = int(np.ceil(lo)), int(np.floor(hi))
+    return (first, last) if last >= first else None
+
+
+def _as_unix_time(value) -> float:
+    """Plotly's date value (ms since 1970, or 'YYYY-MM-DD HH:MM:SS.fff') in local time -> unix seconds."""
+    if isinstance(value, (int, float)):
+        return float(value) / 1000.0 - time.localtime().tm_gmtoff
+    return dt.datetime.fromisoformat(str(value).replace(" ", "T")).timestamp()
+
+
 def step_csv(tail: RunTail) -> bytes:
     """Every step record held (one row per step, the last write of a step) as CSV; columns that are
     empty for the whole run are left out, a missing value is an empty field."""

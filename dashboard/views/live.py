@@ -24,6 +24,10 @@ chosen = st.multiselect("Runs", names, default=default, key="live_runs",
                         help="several runs are overlaid on the same charts")
 if chosen:
     st.session_state[ui.SELECTED] = chosen[0]
+ZOOM_REQUEST = "_live_zoom_request"  # a step range picked with box select on the loss chart
+request = st.session_state.pop(ZOOM_REQUEST, None)
+if request:
+    st.session_state.update({"live_zoom": True, "live_zoom_from": request[0], "live_zoom_to": request[1]})
 c1, c2, c3 = st.columns([2, 2, 1], vertical_alignment="bottom")
 with c1:
     x_axis = st.radio("x axis", series.X_AXES, horizontal=True, key="live_x")
@@ -91,18 +95,38 @@ def _chart(fig, key: str, empty: str) -> None:
         st.caption(empty)
 
 
+def _loss_chart(fig, tails: list, view: live_figures.View) -> None:
+    """The loss chart; a box drawn with the box-select tool re-reads its steps at full resolution."""
+    if fig is None:
+        st.caption(dict(live_figures.FIGURES)["live_loss"])
+        return
+    event = st.plotly_chart(fig, key="live_loss", config=CONFIG, on_select="rerun", selection_mode="box")
+    boxes = ((event or {}).get("selection") or {}).get("box") or []
+    if not boxes or st.session_state.get("_live_box_done") == repr(boxes):
+        return
+    st.session_state["_live_box_done"] = repr(boxes)
+    xs = boxes[-1].get("x") or []
+    picked = series.steps_in_x_range(tails[0], view.x_axis, xs[0], xs[-1]) if len(xs) >= 2 else None
+    if picked:
+        st.session_state[ZOOM_REQUEST] = picked
+        st.rerun()
+
+
 def _charts(tails: list, view: live_figures.View) -> None:
     figs, _ = _cache().figures(tails, view)
     captions = dict(live_figures.FIGURES)
     left, right = st.columns(2)
-    for column, keys in ((left, ("live_loss", "live_lr", "live_map")), (right, ("live_parts", "live_grad", "live_prf"))):
+    with left:
+        _loss_chart(figs["live_loss"], tails, view)
+    for column, keys in ((left, ("live_lr", "live_map")), (right, ("live_parts", "live_grad", "live_prf"))):
         with column:
             for key in keys:
                 _chart(figs[key], key, captions[key])
     widths = {t.buffer.width for t in tails if len(t.buffer)}
     if view.step_range is None and max(widths, default=1) > 1:
         st.caption(f"Step curves: min–max band and mean per {max(widths):,} steps (red x: a NaN/inf was logged). "
-                   "Zoom to a step range to see every record.")
+                   "To see every record, draw a box on the loss chart with its box-select tool, or zoom to a "
+                   "step range above.")
 
 
 def _exports(t: series.RunTail) -> None:

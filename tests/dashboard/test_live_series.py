@@ -209,3 +209,20 @@ def test_uncharted_columns_are_bucketed_on_demand():
     buf.add(chunk)
     s = buf.series("data_time_s")
     assert len(s) <= 16 and s.high.max() == 999.0 and s.low.min() == 0.0
+
+
+def test_a_box_on_any_x_axis_maps_back_to_steps(tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    lines = [json.dumps({"type": "step", "step": s, "epoch": 1, "time": 1000.0 + s, "loss": 1.0}) for s in range(1, 101)]
+    (run / runs.METRICS_FILE).write_text("\n".join(lines) + "\n")
+    runs.atomic_write_json(run / runs.STATUS_FILE, {"state": "completed", "steps_per_epoch": 10})
+    tail = series.RunTail(run)
+    tail.poll()
+    assert series.steps_in_x_range(tail, "step", 20.4, 30.2) == (21, 30)
+    assert series.steps_in_x_range(tail, "epoch", 5.0, 2.0) == (20, 50)
+    local = lambda t: (t + __import__("time").localtime().tm_gmtoff) * 1000.0  # the chart's date x (ms, local)
+    assert series.steps_in_x_range(tail, "wall time", local(1010.0), local(1019.5)) == (10, 19)
+    as_text = lambda t: __import__("datetime").datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    assert series.steps_in_x_range(tail, "wall time", as_text(1010.0), as_text(1019.5)) == (10, 19)
+    assert series.steps_in_x_range(tail, "step", "bad", 3) is None
