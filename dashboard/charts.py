@@ -90,9 +90,10 @@ def step_traces(tail, key: str, x_axis: str, smoothing: float, color: str, label
     group = f"{tail.name}:{key}"
     if pts.downsampled:
         hover = "y+name" if band_hover else "skip"
-        traces.append(go.Scatter(x=x, y=_y(pts.low), mode="lines", line=dict(width=0, color=color), name=f"{label} min",
+        edge = dict(width=0.7, color=_rgba(color, 0.45))  # a one-step spike is a thin but visible line
+        traces.append(go.Scatter(x=x, y=_y(pts.low), mode="lines", line=edge, name=f"{label} min",
                                  legendgroup=group, showlegend=False, hoverinfo=hover))
-        traces.append(go.Scatter(x=x, y=_y(pts.high), mode="lines", line=dict(width=0, color=color), fill="tonexty",
+        traces.append(go.Scatter(x=x, y=_y(pts.high), mode="lines", line=edge, fill="tonexty",
                                  fillcolor=_rgba(color, 0.22), name=f"{label} min–max ({pts.width} steps/point)",
                                  legendgroup=group, showlegend=False, hoverinfo=hover))
     smooth = smoothing > 0

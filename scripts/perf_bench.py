@@ -242,9 +242,10 @@ def _phone_photo(plates_real: Path, out: Path) -> bytes:
     from PIL import Image
 
     src = sorted((plates_real / "test").glob("*.jpg"))[0]
-    stored = Image.open(src).convert("RGB").resize((4000, 3000), Image.BICUBIC)
+    upright = Image.open(src).convert("RGB").resize((4000, 3000), Image.BICUBIC)
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # the sensor's pixels ...
     exif = Image.Exif()
-    exif[0x0112] = 6  # shot in portrait: the phone stores landscape pixels + a rotation
+    exif[0x0112] = 6  # ... plus the rotation a viewer applies to show the photo upright
     stored.save(out, format="JPEG", quality=90, exif=exif.tobytes())
     return out.read_bytes()
 
