@@ -372,7 +372,7 @@ def _plain_loop(settings: list) -> float:
     return json.loads(out.stdout.strip().splitlines()[-1])["images_per_s"]
 
 
-def bench_loop(plates_real: Path, work: Path, n_train: int = 32, rounds: int = 3) -> list[Row]:
+def bench_loop(plates_real: Path, work: Path, n_train: int = 32, rounds: int = 2) -> list[Row]:
     """Plain loop, our loop, our loop with an in-memory recorder, interleaved `rounds` times (medians):
     on a shared machine the load drifts, interleaving spreads the drift over all three."""
     data = _subset(plates_real, work / "data", n_train)
