@@ -156,9 +156,15 @@ def million_step_run(tmp_path_factory) -> Path:
     return run
 
 
-def test_a_one_step_spike_and_a_nan_in_a_million_steps_stay_visible(million_step_run):
+@pytest.fixture(scope="module")
+def million_step_tail(million_step_run) -> series.RunTail:
     tail = series.RunTail(million_step_run)
     assert tail.poll()
+    return tail
+
+
+def test_a_one_step_spike_and_a_nan_in_a_million_steps_stay_visible(million_step_tail):
+    tail = million_step_tail
     assert len(tail.buffer) == N_STEPS
     fig = charts.loss_figure([tail], "step", 0.6, log_y=False, key="loss")
     band_high = next(t for t in fig.data if t.fill == "tonexty")
@@ -176,9 +182,8 @@ def test_a_one_step_spike_and_a_nan_in_a_million_steps_stay_visible(million_step
     assert int(line.x[int(np.argmax(line.y))]) == SPIKE_STEP
 
 
-def test_a_poll_after_a_million_steps_reads_only_what_is_new(million_step_run, tmp_path):
-    tail = series.RunTail(million_step_run)
-    tail.poll()
+def test_a_poll_after_a_million_steps_reads_only_what_is_new(million_step_run, million_step_tail):
+    tail = million_step_tail  # runs after the spike test (file order): it appends to the shared run
     offset = tail.file.offset
     assert not tail.poll()  # nothing new: no read at all
     with open(million_step_run / runs.METRICS_FILE, "a", encoding="utf-8") as fh:
