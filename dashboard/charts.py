@@ -14,14 +14,17 @@ from dashboard import series, step_buffer
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 DASHES = ("solid", "dash", "dot", "dashdot")
 X_TITLES = {"step": "step", "epoch": "epoch", "wall time": "time"}
+TEMPLATE = "plotly_white"
 
 
 def _layout(fig: go.Figure, title: str, key: str, x_axis: str, y_title: str = "", log_y: bool = False,
-            height: int = 320) -> go.Figure:
+            height: int = 320, styled: bool = True) -> go.Figure:
+    """Common layout. styled=False leaves the template out (plotly deep-copies a template on every
+    figure): `freeze(fig, TEMPLATE)` puts it into the finished JSON instead."""
     fig.update_layout(
         title=dict(text=title, x=0.01, font=dict(size=15)), height=height, uirevision=key,
         margin=dict(l=50, r=10, t=40, b=40), legend=dict(orientation="h", y=-0.2, x=0),
-        hovermode="x unified", template="plotly_white", dragmode="zoom",
+        hovermode="x unified", dragmode="zoom", **({"template": TEMPLATE} if styled else {}),
     )
     fig.update_xaxes(title_text=X_TITLES.get(x_axis, x_axis), type="date" if x_axis == "wall time" else None)
     fig.update_yaxes(title_text=y_title, type="log" if log_y else "linear")
@@ -113,19 +116,19 @@ def step_traces(tail, key: str, x_axis: str, smoothing: float, color: str, label
 
 
 def loss_figure(tails: list, x_axis: str, smoothing: float, log_y: bool, key: str = "loss",
-                step_range: Optional[tuple] = None) -> go.Figure:
+                step_range: Optional[tuple] = None, styled: bool = True) -> go.Figure:
     """Train loss per logged batch, one colour per run: min/max band per point when downsampled,
     the mean (faint when smoothed), the EMA, and a red x where a NaN/inf was logged."""
     fig = go.Figure()
     for i, t in enumerate(tails):
         for trace in step_traces(t, "loss", x_axis, smoothing, _color(i), t.name, step_range):
             fig.add_trace(trace)
-    return _layout(fig, "Train loss per batch", key, x_axis, "loss", log_y)
+    return _layout(fig, "Train loss per batch", key, x_axis, "loss", log_y, styled=styled)
 
 
 def step_metric_figure(tails: list, keys: tuple, title: str, x_axis: str, smoothing: float = 0.0,
                        log_y: bool = False, key: str = "", y_title: str = "", step_range: Optional[tuple] = None,
-                       band: bool = True) -> go.Figure:
+                       band: bool = True, styled: bool = True) -> go.Figure:
     """One or more step-record keys; colour per key when one run, dash per key when several."""
     fig = go.Figure()
     several = len(tails) > 1
@@ -142,11 +145,11 @@ def step_metric_figure(tails: list, keys: tuple, title: str, x_axis: str, smooth
                 if not band and trace.name.endswith(" min"):
                     continue
                 fig.add_trace(trace)
-    return _layout(fig, title, key or title, x_axis, y_title, log_y)
+    return _layout(fig, title, key or title, x_axis, y_title, log_y, styled=styled)
 
 
 def epoch_metric_figure(tails: list, keys: tuple, title: str, x_axis: str, log_y: bool = False,
-                        key: str = "", y_range: Optional[tuple] = (0, 1.02)) -> go.Figure:
+                        key: str = "", y_range: Optional[tuple] = (0, 1.02), styled: bool = True) -> go.Figure:
     """Per-epoch validation metrics with markers; colour per metric (one run) or per run (several)."""
     fig = go.Figure()
     several = len(tails) > 1
@@ -160,7 +163,7 @@ def epoch_metric_figure(tails: list, keys: tuple, title: str, x_axis: str, log_y
                 x=series.x_values(recs, x_axis), y=series.column(recs, k), mode="lines+markers",
                 name=f"{t.name} {name}" if several else name,
                 line=dict(color=_color(i) if several else _color(j), dash=DASHES[j % len(DASHES)] if several else "solid")))
-    fig = _layout(fig, title, key or title, x_axis, "", log_y)
+    fig = _layout(fig, title, key or title, x_axis, "", log_y, styled=styled)
     if y_range and not log_y:
         fig.update_yaxes(range=list(y_range))
     return fig
@@ -242,9 +245,24 @@ class FrozenFigure(go.Figure):
         return self._frozen_size
 
 
-def freeze(fig: go.Figure) -> FrozenFigure:
-    text = pio.to_json(fig, validate=False)
+_TEMPLATE_JSON: dict = {}
+
+
+def _template_spec(name: str) -> dict:
+    if name not in _TEMPLATE_JSON:
+        styled = go.Figure(layout={"template": name})  # the template as plotly writes it into a figure
+        _TEMPLATE_JSON[name] = json.loads(pio.to_json(styled, validate=False))["layout"]["template"]
+    return _TEMPLATE_JSON[name]
+
+
+def freeze(fig: go.Figure, template: Optional[str] = None) -> FrozenFigure:
+    """The figure's JSON computed once; `template` (for a figure built with styled=False) replaces
+    the layout's template in that JSON, which costs nothing next to plotly validating a copy of it."""
+    spec = json.loads(pio.to_json(fig, validate=False))
+    layout = spec.setdefault("layout", {})
+    if template:
+        layout["template"] = _template_spec(template)
     frozen = FrozenFigure()
-    frozen._frozen_spec = json.loads(text)
-    frozen._frozen_size = len(text.encode("utf-8"))
+    frozen._frozen_spec = spec
+    frozen._frozen_size = len(json.dumps(spec, separators=(",", ":")).encode("utf-8"))
     return frozen

@@ -41,19 +41,19 @@ def build_figures(tails: list, view: View) -> dict:
     """The six Live figures (frozen), or None for a figure without data."""
     x, sm, log_y, rng = view.x_axis, view.smoothing, view.log_y, view.step_range
     figs = {
-        "live_loss": charts.loss_figure(tails, x, sm, log_y, key="live_loss", step_range=rng),
+        "live_loss": charts.loss_figure(tails, x, sm, log_y, key="live_loss", step_range=rng, styled=False),
         "live_parts": charts.step_metric_figure(tails, series.LOSS_PARTS, "Loss parts", x, sm, log_y, key="live_parts",
-                                                y_title="loss", step_range=rng),
+                                                y_title="loss", step_range=rng, styled=False),
         "live_lr": charts.step_metric_figure(tails, ("lr",), "Learning rate", x, log_y=log_y, key="live_lr",
-                                             y_title="lr", step_range=rng, band=False),
+                                             y_title="lr", step_range=rng, band=False, styled=False),
         "live_grad": charts.step_metric_figure(tails, ("grad_norm",), "Gradient norm (before clipping)", x, sm, log_y,
-                                               key="live_grad", step_range=rng),
+                                               key="live_grad", step_range=rng, styled=False),
         "live_map": charts.epoch_metric_figure(tails, ("val_map50", "val_map50_95"), "Validation mAP", x,
-                                               log_y=log_y, key="live_map"),
+                                               log_y=log_y, key="live_map", styled=False),
         "live_prf": charts.epoch_metric_figure(tails, ("val_precision", "val_recall", "val_f1"),
-                                               "Validation precision / recall / F1", x, log_y=log_y, key="live_prf"),
+                                               "Validation precision / recall / F1", x, log_y=log_y, key="live_prf", styled=False),
     }
-    return {k: charts.freeze(f) if f.data else None for k, f in figs.items()}
+    return {k: charts.freeze(f, charts.TEMPLATE) if f.data else None for k, f in figs.items()}
 
 
 class LiveCache:
