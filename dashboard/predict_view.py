@@ -4,8 +4,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+
+from PIL import Image, ImageOps
 
 from engine import runs
 
@@ -68,3 +73,128 @@ def png_bytes(image) -> bytes:
 def download_name(name: str, suffix: str) -> str:
     stem = Path(name).stem or "image"
     return f"{stem}{suffix}"
+
+
+# ----------------------------------------------------------------------------- phone-size photos
+DISPLAY_MAX_SIDE = 1280  # the annotated copy sent to the browser
+DISPLAY_QUALITY = 85
+DOWNLOAD_QUALITY = 92
+MAX_PHOTOS = 6  # decoded photos kept per session
+
+
+@dataclass
+class Photo:
+    """One upload decoded once: the model's input size and a display copy, plus the original bytes."""
+    name: str
+    data: bytes
+    digest: str
+    width: int  # full size, EXIF orientation applied
+    height: int
+    model_input: Image.Image  # the size the model's transform would resize to (no resize left for it)
+    display: Image.Image  # longest side <= DISPLAY_MAX_SIDE
+    decode_ms: float
+
+
+def model_input_size(width: int, height: int, test_size: int, max_size: int) -> tuple[int, int]:
+    """The (w, h) torchvision's eval transform resizes an image to: shorter side test_size, longer <= max_size."""
+    scale = min(test_size / min(width, height), max_size / max(width, height))
+    return max(1, int(width * scale)), max(1, int(height * scale))
+
+
+def _fit(width: int, height: int, side: int) -> tuple[int, int]:
+    scale = min(1.0, side / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def decode_photo(data: bytes, name: str, test_size: int, max_size: int, display_side: int = DISPLAY_MAX_SIDE) -> Photo:
+    """Decode once at the resolution needed (a JPEG is DCT-scaled while decoding), apply EXIF orientation,
+    and make the model-input and display copies. Bad files raise engine.predict.ImageError (one line)."""
+    from engine.predict import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, load_image
+
+    start = time.perf_counter()
+    image = None
+    if data and len(data) <= MAX_IMAGE_BYTES:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(data))
+                w, h = image.size
+                if w * h > MAX_IMAGE_PIXELS:
+                    raise ValueError("too many pixels")
+                mw, mh = model_input_size(w, h, test_size, max_size)
+                dw, dh = _fit(w, h, display_side)
+                image.draft("RGB", (max(mw, dw), max(mh, dh)))  # JPEG only; other formats decode in full
+                image.load()
+                image = ImageOps.exif_transpose(image) or image
+                image = image.convert("RGB")
+        except Exception:  # anything odd: the careful loader below decides and words the error
+            image = None
+    if image is None:
+        image = load_image(data, name)
+    full_w, full_h = _oriented_size(data, image)
+    model_input = image.resize(model_input_size(full_w, full_h, test_size, max_size), Image.BILINEAR)
+    display = image.resize(_fit(full_w, full_h, display_side), Image.BILINEAR) \
+        if max(image.size) > display_side else image
+    return Photo(name, data, file_hash(data), full_w, full_h, model_input, display,
+                 (time.perf_counter() - start) * 1000)
+
+
+def _oriented_size(data: bytes, decoded: Image.Image) -> tuple[int, int]:
+    """The full-resolution size with EXIF orientation applied (the decoded copy may be DCT-scaled)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            orientation = im.getexif().get(0x0112, 1)
+    except Exception:
+        return decoded.size
+    if orientation in (5, 6, 7, 8):
+        w, h = h, w
+    if abs(w / h - decoded.width / decoded.height) > 0.02:  # orientation not applied: trust the pixels
+        return decoded.size
+    return w, h
+
+
+def predict_photo(predictor, photo: Photo) -> dict:
+    """The predictor on the model-size copy, boxes mapped back to full-size pixels.
+
+    {"boxes", "scores", "width", "height" (full size), "ms" (decode + model call), "timing"}.
+    """
+    pred = predictor.predict(photo.model_input)
+    sx, sy = photo.width / photo.model_input.width, photo.height / photo.model_input.height
+    boxes = [[round(b[0] * sx, 2), round(b[1] * sy, 2), round(b[2] * sx, 2), round(b[3] * sy, 2)] for b in pred["boxes"]]
+    timing = {"decode_ms": round(photo.decode_ms, 2), **pred.get("timing", {})}
+    return {"boxes": boxes, "scores": pred["scores"], "width": photo.width, "height": photo.height,
+            "ms": round(pred["ms"] + photo.decode_ms, 2), "timing": timing}
+
+
+def display_jpeg(photo: Photo, pred: dict, threshold: float) -> bytes:
+    """The display copy with the boxes >= threshold drawn, as JPEG (what a slider move redraws)."""
+    from engine.predict import draw_boxes
+
+    s = photo.display.width / photo.width
+    boxes = [[v * s for v in b] for b in pred["boxes"]]
+    annotated = draw_boxes(photo.display, boxes, pred["scores"], threshold)
+    return jpeg_bytes(annotated, DISPLAY_QUALITY)
+
+
+def full_size_jpeg(photo: Photo, pred: dict, threshold: float) -> bytes:
+    """The original resolution with boxes drawn, for the download (built only when asked)."""
+    from engine.predict import draw_boxes, load_image
+
+    return jpeg_bytes(draw_boxes(load_image(photo.data, photo.name), pred["boxes"], pred["scores"], threshold),
+                      DOWNLOAD_QUALITY)
+
+
+def jpeg_bytes(image: Image.Image, quality: int) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def remember(cache: dict, key, value, limit: int = MAX_PHOTOS):
+    """Insert into a small dict used as an LRU (oldest entries dropped)."""
+    cache.pop(key, None)
+    cache[key] = value
+    while len(cache) > limit:
+        cache.pop(next(iter(cache)))
+    return value

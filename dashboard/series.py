@@ -4,11 +4,15 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
+import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
+from dashboard import metrics_columns, step_buffer
 from engine import runs
 
 X_AXES = ("step", "epoch", "wall time")
@@ -78,40 +82,131 @@ def has_values(records: list[dict], key: str) -> bool:
     return any(isinstance(r.get(key), (int, float)) for r in records)
 
 
-@dataclass
 class RunTail:
-    """Metrics of one run read incrementally (only new bytes per poll) plus its status."""
-    run_dir: Path
-    tail: runs.MetricsTail = None
-    status: dict = field(default_factory=dict)
-    steps: list = field(default_factory=list)
-    epochs: list = field(default_factory=list)
-    inode: Optional[int] = None
+    """Metrics of one run read incrementally (only new bytes per poll) plus its status.
 
-    def __post_init__(self):
-        if self.tail is None:
-            self.tail = runs.MetricsTail(self.run_dir / runs.METRICS_FILE)
+    Step records live in a columnar `StepBuffer` (downsampled incrementally); epoch records are
+    few and stay dicts, the newest per epoch. One RunTail may serve several browser sessions:
+    `poll` holds a lock, and `version` changes whenever anything shown could have changed.
+    """
+
+    def __init__(self, run_dir: Path, max_buckets: int = step_buffer.MAX_BUCKETS):
+        self.run_dir = Path(run_dir)
+        self.max_buckets = max_buckets
+        self.file = metrics_columns.MetricsFile(self.run_dir / runs.METRICS_FILE)
+        self.buffer = step_buffer.StepBuffer(max_buckets)
+        self._epochs: dict[int, dict] = {}
+        self.epochs: list[dict] = []
+        self.status: dict = {}
+        self._status_key = None
+        self.version = 0
+        self.lock = threading.Lock()
 
     def poll(self) -> bool:
         """Read what is new; True when new records arrived. A replaced or truncated file is re-read."""
-        path = self.run_dir / runs.METRICS_FILE
+        with self.lock:
+            self._read_status()
+            if not self.file.changed_on_disk():
+                return False
+            generation = self.file.generation
+            chunk = self.file.read_new()
+            if self.file.generation != generation:  # replaced or truncated: start over
+                self.buffer = step_buffer.StepBuffer(self.max_buckets)
+                self._epochs = {}
+                self.epochs = []
+                self.version += 1
+            if not len(chunk) and not chunk.epochs:
+                return False
+            self.buffer.add(chunk)
+            if chunk.epochs:
+                for e in chunk.epochs:
+                    self._epochs[e["epoch"]] = e  # the last write of an epoch wins
+                self.epochs = [self._epochs[k] for k in sorted(self._epochs)]
+            self.version += 1
+            return True
+
+    def _read_status(self) -> None:
+        path = self.run_dir / runs.STATUS_FILE
         try:
             st = os.stat(path)
-            inode, size = st.st_ino, st.st_size
+            key = (st.st_ino, st.st_mtime_ns, st.st_size)
         except OSError:
-            inode, size = None, 0
-        if inode != self.inode or size < self.tail.offset:
-            self.tail = runs.MetricsTail(path)
-            self.inode = inode
-        self.status = runs.read_status(self.run_dir) or {}
-        changed = self.tail.poll()
-        if changed or (not self.steps and not self.epochs):
-            self.steps, self.epochs = self.tail.frames()
-        return changed
+            key = None
+        if key != self._status_key or key is None:
+            self.status = runs.read_status(self.run_dir) or {}
+            self._status_key = key
+
+    @property
+    def steps_per_epoch(self) -> Optional[int]:
+        return self.status.get("steps_per_epoch")
+
+    @property
+    def signature(self) -> tuple:
+        """Changes whenever the curves of this run could look different."""
+        return (str(self.run_dir), self.version, self.steps_per_epoch)
 
     @property
     def name(self) -> str:
         return self.run_dir.name
+
+
+def steps_in_x_range(tail: RunTail, x_axis: str, x0, x1) -> Optional[tuple[int, int]]:
+    """The (first, last) step whose x on the given axis lies in [x0, x1] (a box drawn on a chart), or None.
+
+    x is a step number, a fractional epoch, or for "wall time" a date string / ms since 1970 (local time).
+    """
+    buf = tail.buffer
+    if not len(buf):
+        return None
+    try:
+        if x_axis == "wall time":
+            lo, hi = (_as_unix_time(v) for v in (x0, x1))
+            times = buf.column("time")
+            inside = np.flatnonzero((times >= min(lo, hi)) & (times <= max(lo, hi)))
+            if not len(inside):
+                return None
+            steps = buf.column("step")[inside]
+            return int(steps.min()), int(steps.max())
+        lo, hi = sorted((float(x0), float(x1)))
+        if x_axis == "epoch":
+            spe = tail.steps_per_epoch or 0
+            if not spe:
+                return None
+            lo, hi = lo * spe, hi * spe
+    except (TypeError, ValueError, OverflowError):
+        return None
+    first, last = int(np.ceil(lo)), int(np.floor(hi))
+    return (first, last) if last >= first else None
+
+
+def _as_unix_time(value) -> float:
+    """Plotly's date value (ms since 1970, or 'YYYY-MM-DD HH:MM:SS.fff') in local time -> unix seconds."""
+    if isinstance(value, (int, float)):
+        return float(value) / 1000.0 - time.localtime().tm_gmtoff
+    return dt.datetime.fromisoformat(str(value).replace(" ", "T")).timestamp()
+
+
+def step_csv(tail: RunTail) -> bytes:
+    """Every step record held (one row per step, the last write of a step) as CSV; columns that are
+    empty for the whole run are left out, a missing value is an empty field."""
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    buf = tail.buffer
+    columns = {"step": buf.column("step")}
+    for k in metrics_columns.STEP_COLUMNS:
+        values = buf.column(k)
+        if np.isfinite(values).any():
+            columns[k] = pa.array(values, mask=~np.isfinite(values))
+    sink = pa.BufferOutputStream()
+    pcsv.write_csv(pa.table(columns), sink)
+    return sink.getvalue().to_pybytes()
+
+
+def epoch_csv(tail: RunTail) -> bytes:
+    import pandas as pd
+
+    return pd.DataFrame(tail.epochs).to_csv(index=False).encode("utf-8")
 
 
 @dataclass
@@ -125,7 +220,7 @@ class Header:
     heartbeat_age_s: Optional[float]
 
 
-def header(status: dict, steps: list[dict], now: Optional[float] = None) -> Header:
+def header(status: dict, last_images_per_s: Optional[float] = None, now: Optional[float] = None) -> Header:
     """The Live page's per-run header values."""
     from dashboard.runs_table import estimate_eta
 
@@ -145,7 +240,7 @@ def header(status: dict, steps: list[dict], now: Optional[float] = None) -> Head
         progress = 1.0
     ips = status.get("images_per_s")
     if ips is None:
-        ips = next((s.get("images_per_s") for s in reversed(steps) if s.get("images_per_s")), None)
+        ips = last_images_per_s
     updated = status.get("updated_at")
     return Header(
         state=state, progress=progress, progress_text=text,

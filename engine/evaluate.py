@@ -85,7 +85,8 @@ def validate(model: torch.nn.Module, loader, device: Union[str, torch.device], s
         gts, preds = predict_loader(model, loader, device, amp, progress, desc="validate", amp_dtype=amp_dtype)
     finally:
         model.train(was_training)
-    return metrics.detection_metrics(gts, preds, score_threshold, iou)
+    matches = metrics.match_detections(gts, preds, iou)  # one vectorised matching pass
+    return metrics.detection_metrics(gts, preds, score_threshold, iou, matches=matches)
 
 
 # ----------------------------------------------------------------------------- evaluate a checkpoint

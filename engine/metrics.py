@@ -5,7 +5,8 @@ Inputs are plain lists (one entry per image):
     gts   [{"image_id": int, "boxes": (N,4) xyxy, "width": int, "height": int}, ...]
     preds [{"image_id": int, "boxes": (M,4) xyxy, "scores": (M,)}, ...]
 
-- `coco_map`: mAP@0.5, mAP@0.5:0.95, AP75 and AP small/medium/large from pycocotools.
+- `coco_map`: mAP@0.5, mAP@0.5:0.95, AP75 and AP small/medium/large from faster-coco-eval
+  (`coco_stats` gives all 12 COCOeval numbers, from it or from pycocotools, the reference).
 - `match_detections`: one-to-one greedy matching per image, detections by descending score, each
   taking the unmatched ground-truth box with the highest IoU >= `iou` (the rule pycocotools uses).
 - `prf_at_threshold`, `prf_vs_confidence`, `best_f1`, `pr_curve`: built on that matching.
@@ -76,40 +77,86 @@ def _f1(p: float, r: float) -> float:
 
 
 # ----------------------------------------------------------------------------- matching
+def _per_image(gts: Sequence[dict], preds: Sequence[dict], max_dets: int) -> list[tuple]:
+    """(image_id, gt boxes, top-`max_dets` detections by score, their scores, gt) per gt image, by id."""
+    by_image = _preds_by_image(preds)
+    rows = []
+    for gt in sorted(gts, key=lambda g: int(g["image_id"])):
+        image_id = int(gt["image_id"])
+        pboxes, scores = by_image.get(image_id, (np.zeros((0, 4)), np.zeros(0)))
+        order = np.argsort(-scores, kind="mergesort")[:max_dets]
+        rows.append((image_id, _as_boxes(gt.get("boxes")), pboxes[order], scores[order], gt))
+    return rows
+
+
+def _padded_ious(rows: list[tuple]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """IoU (images, D, G) with padding, plus valid-detection (images, D) and valid-gt (images, G) masks."""
+    n = len(rows)
+    D = max((len(r[2]) for r in rows), default=0)
+    G = max((len(r[1]) for r in rows), default=0)
+    det = np.zeros((n, D, 4))
+    gtb = np.zeros((n, G, 4))
+    dvalid = np.zeros((n, D), bool)
+    gvalid = np.zeros((n, G), bool)
+    for i, (_, gboxes, pboxes, _, _) in enumerate(rows):
+        det[i, : len(pboxes)], dvalid[i, : len(pboxes)] = pboxes, True
+        gtb[i, : len(gboxes)], gvalid[i, : len(gboxes)] = gboxes, True
+    area_d = np.clip(det[..., 2] - det[..., 0], 0, None) * np.clip(det[..., 3] - det[..., 1], 0, None)
+    area_g = np.clip(gtb[..., 2] - gtb[..., 0], 0, None) * np.clip(gtb[..., 3] - gtb[..., 1], 0, None)
+    w = np.clip(np.minimum(det[:, :, None, 2], gtb[:, None, :, 2]) - np.maximum(det[:, :, None, 0], gtb[:, None, :, 0]), 0, None)
+    h = np.clip(np.minimum(det[:, :, None, 3], gtb[:, None, :, 3]) - np.maximum(det[:, :, None, 1], gtb[:, None, :, 1]), 0, None)
+    inter = w * h
+    union = area_d[:, :, None] + area_g[:, None, :] - inter
+    ious = np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+    return ious, dvalid, gvalid
+
+
+def _greedy(ious: np.ndarray, dvalid: np.ndarray, gvalid: np.ndarray, thr: float) -> np.ndarray:
+    """pred_gt (images, D): detections in score order, all images at once, each taking the unmatched
+    gt with the highest IoU >= thr (the last such gt on ties, as pycocotools does)."""
+    n, D, G = ious.shape
+    pred_gt = np.full((n, D), -1, dtype=np.int64)
+    if not G:
+        return pred_gt
+    taken = ~gvalid.copy()
+    rows = np.arange(n)
+    for d in range(D):
+        cand = np.where(taken, -np.inf, ious[:, d, :])
+        g = G - 1 - np.argmax(cand[:, ::-1], axis=1)
+        ok = dvalid[:, d] & (cand[rows, g] >= thr)
+        pred_gt[ok, d] = g[ok]
+        taken[rows[ok], g[ok]] = True
+    return pred_gt
+
+
 def match_detections(gts: Sequence[dict], preds: Sequence[dict], iou: float = 0.5,
-                     max_dets: int = MAX_DETS) -> list[dict]:
-    """Per image (in image-id order), the one-to-one greedy matching.
+                     max_dets: int = MAX_DETS, images_per_pass: int = 512) -> list[dict]:
+    """Per image (in image-id order), the one-to-one greedy matching, vectorised over images.
 
     Each entry: {"image_id", "gt_boxes", "pred_boxes", "scores" (descending), "pred_gt" (index of the
     matched gt or -1 per detection), "pred_iou" (IoU with the matched gt, else the best IoU with any
     gt), "gt_pred" (index of the matched detection or -1 per gt), "width", "height"}.
     Predictions for images that are not in `gts` are ignored.
     """
-    by_image = _preds_by_image(preds)
+    rows = _per_image(gts, preds, max_dets)
     thr = min(iou, 1 - 1e-10)
     out = []
-    for gt in sorted(gts, key=lambda g: int(g["image_id"])):
-        image_id = int(gt["image_id"])
-        gboxes = _as_boxes(gt.get("boxes"))
-        pboxes, scores = by_image.get(image_id, (np.zeros((0, 4)), np.zeros(0)))
-        order = np.argsort(-scores, kind="mergesort")[:max_dets]
-        pboxes, scores = pboxes[order], scores[order]
-        ious = box_iou(pboxes, gboxes)
-        gt_pred = np.full(len(gboxes), -1, dtype=np.int64)
-        pred_gt = np.full(len(pboxes), -1, dtype=np.int64)
-        pred_iou = ious.max(axis=1) if len(gboxes) else np.zeros(len(pboxes))
-        for d in range(len(pboxes)):
-            best, m = thr, -1
-            for g in range(len(gboxes)):
-                if gt_pred[g] >= 0 or ious[d, g] < best:
-                    continue
-                best, m = ious[d, g], g
-            if m >= 0:
-                gt_pred[m], pred_gt[d] = d, m
-                pred_iou[d] = ious[d, m]
-        out.append({"image_id": image_id, "gt_boxes": gboxes, "pred_boxes": pboxes, "scores": scores,
-                    "pred_gt": pred_gt, "pred_iou": pred_iou, "gt_pred": gt_pred,
-                    "width": gt.get("width"), "height": gt.get("height")})
+    for start in range(0, len(rows), images_per_pass):
+        part = rows[start:start + images_per_pass]
+        ious, dvalid, gvalid = _padded_ious(part)
+        pred_gt = _greedy(ious, dvalid, gvalid, thr)
+        for i, (image_id, gboxes, pboxes, scores, gt) in enumerate(part):
+            nd, ng = len(pboxes), len(gboxes)
+            pg = pred_gt[i, :nd]
+            m_ious = ious[i, :nd, :ng]
+            pred_iou = m_ious.max(axis=1) if ng else np.zeros(nd)
+            matched = np.flatnonzero(pg >= 0)
+            pred_iou[matched] = m_ious[matched, pg[matched]]
+            gt_pred = np.full(ng, -1, dtype=np.int64)
+            gt_pred[pg[matched]] = matched
+            out.append({"image_id": image_id, "gt_boxes": gboxes, "pred_boxes": pboxes, "scores": scores,
+                        "pred_gt": pg.copy(), "pred_iou": pred_iou, "gt_pred": gt_pred,
+                        "width": gt.get("width"), "height": gt.get("height")})
     return out
 
 
@@ -237,37 +284,60 @@ def coco_results(preds: Sequence[dict], image_ids: Optional[set] = None) -> list
     return out
 
 
-def coco_map(gts: Sequence[dict], preds: Sequence[dict]) -> dict:
-    """{map50, map50_95, map75, map_small, map_medium, map_large} from pycocotools (quietly).
+COCO_STAT_NAMES = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
+                   "AR1", "AR10", "AR100", "AR_small", "AR_medium", "AR_large")
 
-    No detections or no ground truth give 0.0 (pycocotools would say -1).
+
+def coco_stats(gts: Sequence[dict], preds: Sequence[dict], backend: str = "faster") -> Optional[np.ndarray]:
+    """COCOeval's 12 summary numbers (-1 where a size range has no gt), or None with no gt or no detection.
+
+    backend "faster": faster-coco-eval (C++, the same numbers as pycocotools, several times faster);
+    "pycocotools": the reference implementation.
     """
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    zeros = {k: 0.0 for k in COCO_KEYS}
     gt_dict = coco_gt_dict(gts)
     results = coco_results(preds, {img["id"] for img in gt_dict["images"]})
     if not gt_dict["annotations"] or not results:
-        return zeros
+        return None
+    if backend == "faster":
+        try:
+            from faster_coco_eval import COCO as FastCOCO, COCOeval_faster
+        except ImportError:  # pragma: no cover - requirements.txt installs it
+            backend = "pycocotools"
     with contextlib.redirect_stdout(io.StringIO()):
-        coco_gt = COCO()
-        coco_gt.dataset = gt_dict
-        coco_gt.createIndex()
-        coco_dt = coco_gt.loadRes(results)
-        ev = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        if backend == "faster":
+            coco_gt = FastCOCO(gt_dict)
+            ev = COCOeval_faster(coco_gt, coco_gt.loadRes(results), iouType="bbox", print_function=lambda *a, **k: None)
+        else:
+            from pycocotools.coco import COCO
+            from pycocotools.cocoeval import COCOeval
+
+            coco_gt = COCO()
+            coco_gt.dataset = gt_dict
+            coco_gt.createIndex()
+            ev = COCOeval(coco_gt, coco_gt.loadRes(results), iouType="bbox")
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    stats = [max(float(s), 0.0) for s in ev.stats[:6]]  # -1 = no gt in that size range
-    by_name = dict(zip(("map50_95", "map50", "map75", "map_small", "map_medium", "map_large"), stats))
+    return np.asarray(ev.stats[:12], dtype=np.float64)
+
+
+def coco_map(gts: Sequence[dict], preds: Sequence[dict], backend: str = "faster") -> dict:
+    """{map50, map50_95, map75, map_small, map_medium, map_large} from COCOeval (faster-coco-eval).
+
+    No detections or no ground truth give 0.0 (COCOeval would say -1).
+    """
+    stats = coco_stats(gts, preds, backend)
+    if stats is None:
+        return {k: 0.0 for k in COCO_KEYS}
+    values = [max(float(v), 0.0) for v in stats[:6]]  # -1 = no gt in that size range
+    by_name = dict(zip(("map50_95", "map50", "map75", "map_small", "map_medium", "map_large"), values))
     return {k: by_name[k] for k in COCO_KEYS}
 
 
 def detection_metrics(gts: Sequence[dict], preds: Sequence[dict], score_threshold: float = 0.5,
-                      iou: float = 0.5) -> dict:
+                      iou: float = 0.5, matches: Optional[list[dict]] = None) -> dict:
     """coco_map plus precision / recall / F1 / TP / FP / FN at `score_threshold`."""
-    prf = prf_at_threshold(gts, preds, score_threshold, iou)
+    prf = prf_at_threshold(gts, preds, score_threshold, iou, matches=matches)
     out = coco_map(gts, preds)
     out.update({k: prf[k] for k in ("precision", "recall", "f1", "tp", "fp", "fn")})
     out["score_threshold"] = float(score_threshold)

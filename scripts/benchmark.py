@@ -4,6 +4,7 @@
     .venv/bin/python scripts/benchmark.py --only val      # one validation pass over plates-real/valid
     .venv/bin/python scripts/benchmark.py --only demo     # the CPU demo, start to finish
     .venv/bin/python scripts/benchmark.py --only gpu      # the real recipe on plates-real (CUDA box)
+    .venv/bin/python scripts/benchmark.py --only perf     # issue 9: Live page, evaluation, Predict, loop
 
 demo: trains configs/demo_cpu.yaml as a real subprocess (exactly what the dashboard launches) and
 reads its metrics.jsonl: training images/s (median over step records) and the minutes from the
@@ -11,6 +12,8 @@ run's start until the first epoch whose val mAP@0.5 >= 0.5.
 val:  times engine.evaluate.validate over plates-real/valid (75 images) for the demo model and the
 recipe's model at the recipe's test size, weights none (speed does not depend on the weights).
 gpu:  a short run of the recipe on plates-real on CUDA: images/s and seconds per epoch.
+perf: every number of issue 9 next to its anchor measured in the same run (scripts/perf_bench.py
+      says what is measured and how); CPU heavy for several minutes.
 """
 from __future__ import annotations
 
@@ -113,8 +116,10 @@ def bench_gpu(runs_dir: Path) -> list[tuple[str, str, str]]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["demo", "val", "gpu"], action="append")
+    ap.add_argument("--only", choices=["demo", "val", "gpu", "perf"], action="append")
     ap.add_argument("--runs-dir", default="runs")
+    ap.add_argument("--tb-steps", type=int, default=100_000,
+                    help="perf: steps of the TensorBoard anchor run (written through the engine's writers)")
     args = ap.parse_args()
     only = set(args.only or ["val", "demo"])
     rows: list[tuple[str, str, str]] = []
@@ -124,6 +129,14 @@ def main() -> int:
         rows += bench_demo(Path(args.runs_dir))
     if "gpu" in only:
         rows += bench_gpu(Path(args.runs_dir))
+    if "perf" in only:
+        sys.path.insert(0, str(ROOT / "scripts"))
+        import perf_bench
+
+        if PLATES_REAL is None:
+            rows.append(("perf", "plates-real not found", ""))
+        else:
+            rows += perf_bench.run(PLATES_REAL, tb_steps=args.tb_steps)
     print(f"\nMachine: {machine()}; date {time.strftime('%Y-%m-%d')}\n")
     print("| measurement | value | command |\n|---|---|---|")
     for what, value, cmd in rows:

@@ -182,3 +182,48 @@ def test_detection_metrics_keys(hand_case):
         assert key in r
     assert r["precision"] == pytest.approx(2 / 3)
     assert r["map50"] == pytest.approx(metrics.pr_curve(gts, preds)["ap"], abs=0.01)
+
+
+# ----------------------------------------------------------------------------- faster-coco-eval, vectorised matching
+def _reference_matching(gts, preds, iou=0.5):
+    """The greedy rule written as the plain per-image loop it is (pred_gt per image, by image id)."""
+    out = {}
+    by_image = {}
+    for p in preds:
+        by_image.setdefault(int(p["image_id"]), []).append(p)
+    for g in gts:
+        ps = by_image.get(int(g["image_id"]), [])
+        boxes = np.concatenate([np.asarray(p["boxes"], float).reshape(-1, 4) for p in ps]) if ps else np.zeros((0, 4))
+        scores = np.concatenate([np.asarray(p["scores"], float) for p in ps]) if ps else np.zeros(0)
+        order = np.argsort(-scores, kind="mergesort")[: metrics.MAX_DETS]
+        ious = metrics.box_iou(boxes[order], g["boxes"])
+        taken, pred_gt = set(), []
+        for d in range(len(order)):
+            best, m = min(iou, 1 - 1e-10), -1
+            for j in range(ious.shape[1]):
+                if j not in taken and ious[d, j] >= best:
+                    best, m = ious[d, j], j
+            if m >= 0:
+                taken.add(m)
+            pred_gt.append(m)
+        out[int(g["image_id"])] = pred_gt
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
+def test_vectorised_matching_equals_the_plain_loop(seed):
+    gts, preds = _random_case(seed, n_images=60)
+    expected = _reference_matching(gts, preds)
+    got = metrics.match_detections(gts, preds, images_per_pass=7)  # several passes
+    assert {m["image_id"]: m["pred_gt"].tolist() for m in got} == expected
+    for m in got:
+        assert all(m["gt_pred"][g] == d for d, g in enumerate(m["pred_gt"]) if g >= 0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 5, 9])
+def test_faster_coco_eval_gives_pycocotools_12_stats(seed):
+    gts, preds = _random_case(seed, n_images=80)
+    fast = metrics.coco_stats(gts, preds, backend="faster")
+    ref = metrics.coco_stats(gts, preds, backend="pycocotools")
+    assert len(fast) == 12 and 0.2 < ref[1] < 0.99
+    np.testing.assert_allclose(fast, ref, rtol=0, atol=1e-12)

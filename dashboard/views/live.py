@@ -1,9 +1,11 @@
 """Live: curves of one or several runs, refreshed every few seconds while a run is alive."""
 from __future__ import annotations
 
+from typing import Optional
+
 import streamlit as st
 
-from dashboard import charts, formatting as fmt, series, settings, ui
+from dashboard import formatting as fmt, live_figures, series, settings, ui
 from engine import runs
 
 runs_dir = settings.runs_dir()
@@ -22,6 +24,10 @@ chosen = st.multiselect("Runs", names, default=default, key="live_runs",
                         help="several runs are overlaid on the same charts")
 if chosen:
     st.session_state[ui.SELECTED] = chosen[0]
+ZOOM_REQUEST = "_live_zoom_request"  # a step range picked with box select on the loss chart
+request = st.session_state.pop(ZOOM_REQUEST, None)
+if request:
+    st.session_state.update({"live_zoom": True, "live_zoom_from": request[0], "live_zoom_to": request[1]})
 c1, c2, c3 = st.columns([2, 2, 1], vertical_alignment="bottom")
 with c1:
     x_axis = st.radio("x axis", series.X_AXES, horizontal=True, key="live_x")
@@ -32,17 +38,44 @@ with c3:
     log_y = st.toggle("log y", key="live_log")
 
 
+@st.cache_resource(show_spinner=False)
+def _cache() -> live_figures.LiveCache:
+    """Run tails and figures shared by every session: five tabs on a run read and draw it once."""
+    return live_figures.LiveCache()
+
+
 def _tail(name: str) -> series.RunTail:
-    """One incremental reader per run, kept across refreshes so only new bytes are read."""
-    tails = st.session_state.setdefault(TAILS, {})
-    key = str(runs.run_path(runs_dir, name))
-    if key not in tails:
-        tails[key] = series.RunTail(runs.run_path(runs_dir, name))
-    return tails[key]
+    """One incremental reader per run, shared across sessions, so only new bytes are read."""
+    tail = _cache().tail(runs.run_path(runs_dir, name))
+    st.session_state.setdefault(TAILS, {})[str(tail.run_dir)] = tail
+    return tail
+
+
+def _zoom_to_latest() -> None:
+    """Switching the zoom on starts at the newest 2,000 steps of the first run shown."""
+    if not st.session_state.get("live_zoom"):
+        return
+    tails = [_tail(n) for n in st.session_state.get("live_runs") or []]
+    last = max((int(t.buffer.column("step")[-1]) for t in tails if len(t.buffer)), default=0)
+    st.session_state["live_zoom_from"] = max(0, last - 2000)
+    st.session_state["live_zoom_to"] = 0
+
+
+def _step_range() -> Optional[tuple]:
+    """(first, last) step to re-read at full resolution, or None for the whole run (downsampled)."""
+    r1, r2, r3 = st.columns([1.4, 1, 1], vertical_alignment="bottom")
+    on = r1.toggle("Zoom to a step range (every record)", key="live_zoom", on_change=_zoom_to_latest,
+                   help="Long runs are drawn as a min–max band and a mean per bucket of steps; a range re-reads "
+                        "its steps from the file at full resolution.")
+    if not on:
+        return None
+    first = r2.number_input("first step", min_value=0, step=100, key="live_zoom_from")
+    last = r3.number_input("last step", min_value=0, step=100, key="live_zoom_to", help="0 = the newest step")
+    return int(first), int(last) if last else 2**62
 
 
 def _header(t: series.RunTail) -> None:
-    h = series.header(t.status, t.steps)
+    h = series.header(t.status, t.buffer.last("images_per_s") if len(t.buffer) else None)
     with st.container(border=True):
         cols = st.columns([2, 1, 1, 1, 1.3])
         cols[0].markdown(f"**{t.name}**  \n{fmt.state_badge(h.state)}")
@@ -56,41 +89,63 @@ def _header(t: series.RunTail) -> None:
 
 
 def _chart(fig, key: str, empty: str) -> None:
-    if fig.data:
+    if fig is not None:
         st.plotly_chart(fig, key=key, config=CONFIG)
     else:
         st.caption(empty)
 
 
-def _charts(tails: list) -> None:
+def _loss_chart(fig, tails: list, view: live_figures.View) -> None:
+    """The loss chart; a box drawn with the box-select tool re-reads its steps at full resolution."""
+    if fig is None:
+        st.caption(dict(live_figures.FIGURES)["live_loss"])
+        return
+    event = st.plotly_chart(fig, key="live_loss", config=CONFIG, on_select="rerun", selection_mode="box")
+    boxes = ((event or {}).get("selection") or {}).get("box") or []
+    if not boxes or st.session_state.get("_live_box_done") == repr(boxes):
+        return
+    st.session_state["_live_box_done"] = repr(boxes)
+    xs = boxes[-1].get("x") or []
+    picked = series.steps_in_x_range(tails[0], view.x_axis, xs[0], xs[-1]) if len(xs) >= 2 else None
+    if picked:
+        st.session_state[ZOOM_REQUEST] = picked
+        st.rerun()
+
+
+def _charts(tails: list, view: live_figures.View) -> None:
+    figs, _ = _cache().figures(tails, view)
+    captions = dict(live_figures.FIGURES)
     left, right = st.columns(2)
     with left:
-        _chart(charts.loss_figure(tails, x_axis, smoothing, log_y, key="live_loss"), "live_loss",
-               "Train loss: no step records yet.")
-        _chart(charts.step_metric_figure(tails, ("lr",), "Learning rate", x_axis, log_y=log_y, key="live_lr",
-                                         y_title="lr"), "live_lr", "Learning rate: no step records yet.")
-        _chart(charts.epoch_metric_figure(tails, ("val_map50", "val_map50_95"), "Validation mAP", x_axis,
-                                          log_y=log_y, key="live_map"), "live_map",
-               "Validation mAP: no epoch finished yet.")
-    with right:
-        _chart(charts.step_metric_figure(tails, series.LOSS_PARTS, "Loss parts", x_axis, smoothing, log_y,
-                                         key="live_parts", y_title="loss"), "live_parts",
-               "Loss parts: no step records yet.")
-        _chart(charts.step_metric_figure(tails, ("grad_norm",), "Gradient norm (before clipping)", x_axis,
-                                         smoothing, log_y, key="live_grad"), "live_grad",
-               "Gradient norm: no step records yet.")
-        _chart(charts.epoch_metric_figure(tails, ("val_precision", "val_recall", "val_f1"),
-                                          "Validation precision / recall / F1", x_axis, log_y=log_y,
-                                          key="live_prf"), "live_prf", "Precision / recall / F1: no epoch finished yet.")
+        _loss_chart(figs["live_loss"], tails, view)
+    for column, keys in ((left, ("live_lr", "live_map")), (right, ("live_parts", "live_grad", "live_prf"))):
+        with column:
+            for key in keys:
+                _chart(figs[key], key, captions[key])
+    widths = {t.buffer.width for t in tails if len(t.buffer)}
+    if view.step_range is None and max(widths, default=1) > 1:
+        st.caption(f"Step curves: min–max band and mean per {max(widths):,} steps (red x: a NaN/inf was logged). "
+                   "To see every record, draw a box on the loss chart with its box-select tool, or zoom to a "
+                   "step range above.")
 
 
-def _render(chosen: list[str]) -> None:
+def _exports(t: series.RunTail) -> None:
+    c1, c2, _ = st.columns([1, 1, 3])
+    c1.download_button("Export full data: steps (CSV)", lambda: series.step_csv(t), f"{t.name}_steps.csv",
+                       mime="text/csv", on_click="ignore", key=f"live_csv_steps_{t.name}", icon=":material/download:")
+    c2.download_button("Epochs (CSV)", lambda: series.epoch_csv(t), f"{t.name}_epochs.csv",
+                       mime="text/csv", on_click="ignore", key=f"live_csv_epochs_{t.name}", icon=":material/download:")
+
+
+def _render(chosen: list[str], view: live_figures.View) -> None:
     tails = [_tail(n) for n in chosen]
     for t in tails:
         t.poll()
     for t in tails:
         _header(t)
-    ui.safe(_charts, tails)
+    ui.safe(_charts, tails, view)
+    for t in tails:
+        _exports(t)
     for t in tails:
         with st.expander(f"train.log — {t.name}", expanded=len(tails) == 1):
             text = series.log_tail(t.run_dir / runs.LOG_FILE, max_lines=40)
@@ -108,4 +163,5 @@ alive = any(runs.effective_state(runs.read_status(runs.run_path(runs_dir, n))) i
 st.session_state["_live_alive"] = alive
 if alive:
     st.caption("Refreshing every 3 s while a run is alive; zoom and pan are kept.")
-st.fragment(_render, run_every="3s" if alive else None)(chosen)
+view = live_figures.View(x_axis, round(float(smoothing), 4), bool(log_y), _step_range())
+st.fragment(_render, run_every="3s" if alive else None)(chosen, view)

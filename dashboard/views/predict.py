@@ -55,44 +55,57 @@ if st.toggle("Use the camera", key="predict_camera_on"):
         files.append(shot)
 
 
-def _predict(name: str, data: bytes):
-    """(image, prediction) with the prediction cached per checkpoint + file content."""
-    from engine.predict import load_image
+PHOTOS = "_photos"  # upload id -> decoded Photo (model-size and display copies)
 
-    image = load_image(data)
+
+def _photo(name: str, upload) -> pv.Photo:
+    """Decode an upload once per session (keyed by Streamlit's file id, else the content hash)."""
+    data = upload.getvalue()
+    key = getattr(upload, "file_id", None) or pv.file_hash(data)
+    photos = st.session_state.setdefault(PHOTOS, {})
+    if key not in photos:
+        transform = predictor.model.transform
+        pv.remember(photos, key, pv.decode_photo(data, name, int(predictor.test_size), int(transform.max_size)))
+    return photos[key]
+
+
+def _predict(photo: pv.Photo) -> dict:
+    """The prediction cached per checkpoint + file content: a slider move never re-runs the model."""
     cache = st.session_state.setdefault(PREDICTIONS, {})
-    key = (ckpt_path, mtime, pv.file_hash(data))
+    key = (ckpt_path, mtime, photo.digest)
     if key not in cache:
-        cache[key] = predictor.predict(image)
-    return image, cache[key]
+        cache[key] = pv.predict_photo(predictor, photo)
+    return cache[key]
 
 
-def _show(name: str, data: bytes) -> None:
-    from engine.predict import draw_boxes
-
+def _show(name: str, upload) -> None:
     try:
-        image, pred = _predict(name, data)
+        photo = _photo(name, upload)
+        pred = _predict(photo)
     except EngineError as exc:
         st.error(f"{name}: {exc}")
         return
     shown = pv.filter_prediction(pred, threshold)
-    annotated = draw_boxes(image, shown["boxes"], shown["scores"], threshold)
     with st.container(border=True):
         left, right = st.columns([3, 1])
-        left.image(annotated, caption=f"{name} · {len(shown['boxes'])} plate(s) ≥ {threshold:.2f}", width="stretch")
+        left.image(pv.display_jpeg(photo, pred, threshold),
+                   caption=f"{name} · {len(shown['boxes'])} plate(s) ≥ {threshold:.2f}", width="stretch")
         with right:
             st.metric("plates", len(shown["boxes"]))
-            st.metric("inference", f"{pred.get('ms', 0):.0f} ms")
+            st.metric("inference", f"{pred.get('ms', 0):.0f} ms",
+                      help="upload to boxes: decoding at the model's resolution plus the model call")
             st.caption(f"{pred.get('width')}×{pred.get('height')} px")
             if shown["scores"]:
                 st.caption("scores: " + ", ".join(f"{s:.2f}" for s in shown["scores"][:10]))
-            st.download_button("Annotated PNG", pv.png_bytes(annotated), pv.download_name(name, "_pred.png"), icon=":material/download:",
-                               mime="image/png", on_click="ignore", key=f"dl_png_{name}_{pv.file_hash(data)[:8]}")
-            st.download_button("Boxes JSON", pv.boxes_json(name, shown, ckpt_path), pv.download_name(name, "_boxes.json"), icon=":material/download:",
-                               mime="application/json", on_click="ignore", key=f"dl_json_{name}_{pv.file_hash(data)[:8]}")
+            st.download_button("Annotated JPEG (full size)", lambda: pv.full_size_jpeg(photo, pred, threshold),
+                               pv.download_name(name, "_pred.jpg"), icon=":material/download:", mime="image/jpeg",
+                               on_click="ignore", key=f"dl_img_{name}_{photo.digest[:8]}")
+            st.download_button("Boxes JSON", pv.boxes_json(name, shown, ckpt_path), pv.download_name(name, "_boxes.json"),
+                               icon=":material/download:", mime="application/json", on_click="ignore",
+                               key=f"dl_json_{name}_{photo.digest[:8]}")
 
 
 if not files:
     st.caption("Upload one or more photos to see the detector's boxes.")
 for f in files:
-    ui.safe(_show, getattr(f, "name", "camera.jpg"), f.getvalue())
+    ui.safe(_show, getattr(f, "name", "camera.jpg"), f)

@@ -114,14 +114,14 @@ def test_run_tail_reads_only_new_complete_lines(tmp_path):
     run = make_run(tmp_path, "r", epochs_done=1, half_written_last_line=True)
     tail = series.RunTail(run)
     tail.poll()
-    assert len(tail.steps) == 4 and len(tail.epochs) == 1
-    offset = tail.tail.offset
+    assert len(tail.buffer) == 4 and len(tail.epochs) == 1
+    offset = tail.file.offset
     assert offset < (run / runs.METRICS_FILE).stat().st_size  # the half line is not consumed
     with open(run / runs.METRICS_FILE, "a") as fh:  # the writer completes the line, then adds one
         fh.write('ss": 1.0}\n')
         fh.write(json.dumps({"type": "step", "step": 5, "epoch": 2, "loss": 0.5}) + "\n")
     assert tail.poll()
-    assert [s["step"] for s in tail.steps] == [1, 2, 3, 4, 5, 999]  # the completed line is read once, whole
+    assert list(tail.buffer.column("step")) == [1, 2, 3, 4, 5, 999]  # the completed line is read once, whole
     assert not tail.poll()
 
 
@@ -139,7 +139,7 @@ def test_header_values(tmp_path):
     run = make_run(tmp_path, "live", state="running", epochs_done=1, epochs=4)
     tail = series.RunTail(run)
     tail.poll()
-    h = series.header(tail.status, tail.steps)
+    h = series.header(tail.status, tail.buffer.last("images_per_s"))
     assert h.state == "running" and h.epoch == "1/4" and h.progress == pytest.approx(0.25)
     assert h.images_per_s == 3.2 and h.heartbeat_age_s < 60
 

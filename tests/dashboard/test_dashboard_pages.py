@@ -1,12 +1,15 @@
 """AppTest runs of every page against fixture run folders (no browser)."""
 from __future__ import annotations
 
+import base64
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import yaml
 
@@ -226,7 +229,7 @@ def test_live_page_running_run_with_half_written_line(all_states):
     assert any("Refreshing every 3 s" in t for t in _texts(at, "caption"))
     tails = at.session_state["_live_tails"]
     [tail] = tails.values()
-    assert [s["step"] for s in tail.steps] == [1, 2, 3, 4]  # the half line is not read
+    assert list(tail.buffer.column("step")) == [1, 2, 3, 4]  # the half line is not read
 
 
 def test_live_page_overlays_several_runs_and_stops_polling_for_ended_runs(all_states):
@@ -237,6 +240,23 @@ def test_live_page_overlays_several_runs_and_stops_polling_for_ended_runs(all_st
     assert not at.exception
     assert len([m for m in at.metric if m.label == "epoch"]) == 2
     assert not any("Refreshing" in t for t in _texts(at, "caption"))
+
+
+def test_live_page_zoom_rereads_a_step_range_and_offers_the_full_data(all_states):
+    at = app_test("views/live.py")
+    at.multiselect(key="live_runs").set_value(["done"]).run()
+    at.toggle(key="live_zoom").set_value(True).run()
+    assert not at.exception
+    assert at.number_input(key="live_zoom_from").value == 0 and at.number_input(key="live_zoom_to").value == 0
+    at.number_input(key="live_zoom_from").set_value(3).run()
+    at.number_input(key="live_zoom_to").set_value(6).run()
+    assert not at.exception and len(at.get("plotly_chart")) == 6
+    loss = json.loads(at.get("plotly_chart")[0].proto.spec)
+    xs = loss["data"][0]["x"]  # plotly sends numpy arrays as base64 typed arrays
+    xs = np.frombuffer(base64.b64decode(xs["bdata"]), dtype=xs["dtype"]) if isinstance(xs, dict) else xs
+    assert list(xs) == [3, 4, 5, 6]  # the four steps of the range, every record
+    labels = [b.label for b in at.get("download_button")]
+    assert labels[:2] == ["Export full data: steps (CSV)", "Epochs (CSV)"]
 
 
 def test_live_page_crashed_and_failed_runs(all_states):
@@ -352,7 +372,7 @@ def test_predict_page_real_photo_threshold_and_bad_files(dash_env, real_checkpoi
     assert plates == str(sum(s >= 0.05 for s in pred["scores"]))
     assert at.session_state["_predictions"] == cache  # the slider re-filtered without a new prediction
     labels = [b.label for b in at.get("download_button")]
-    assert labels == ["Annotated PNG", "Boxes JSON"]
+    assert labels == ["Annotated JPEG (full size)", "Boxes JSON"]
 
 
 def test_predict_page_corrupt_checkpoint_is_one_line(dash_env):
