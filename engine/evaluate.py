@@ -177,6 +177,18 @@ def _predict_timed(model: torch.nn.Module, dataset: PlateDataset, dev: torch.dev
     return gts, preds, image_stats, pre_ms, model_ms, post_ms
 
 
+def _speed_summary(pre_ms: list, model_ms: list, post_ms: list) -> dict:
+    """Mean milliseconds per image for each stage, and the batch-1 frame rates they imply."""
+    speed = {"preprocess_ms": round(_mean(pre_ms), 3), "model_ms": round(_mean(model_ms), 3),
+             "postprocess_ms": round(_mean(post_ms), 3)}
+    speed["total_ms"] = round(sum(speed.values()), 3)
+    speed["fps_batch1"] = round(1000.0 / speed["total_ms"], 2) if speed["total_ms"] > 0 else 0.0
+    speed["model_fps"] = round(1000.0 / speed["model_ms"], 2) if speed["model_ms"] > 0 else 0.0
+    speed["images_timed"] = len(model_ms)
+    speed["warmup_runs"] = WARMUP_RUNS
+    return speed
+
+
 def evaluate_checkpoint(checkpoint: Union[str, Path], config_path: Optional[Union[str, Path]] = None,
                         device: str = "auto", data_root: Optional[Union[str, Path]] = None, split: str = "test",
                         out: Optional[Union[str, Path]] = None, progress: bool = True, verbose: bool = True,
@@ -221,13 +233,7 @@ def evaluate_checkpoint(checkpoint: Union[str, Path], config_path: Optional[Unio
     best = metrics.best_f1(gts, preds, iou, matches=matches)
     curve = metrics.pr_curve(gts, preds, iou, matches=matches)
     prf_conf = metrics.prf_vs_confidence(gts, preds, iou=iou, matches=matches)
-    speed = {"preprocess_ms": round(_mean(pre_ms), 3), "model_ms": round(_mean(model_ms), 3),
-             "postprocess_ms": round(_mean(post_ms), 3)}
-    speed["total_ms"] = round(sum(speed.values()), 3)
-    speed["fps_batch1"] = round(1000.0 / speed["total_ms"], 2) if speed["total_ms"] > 0 else 0.0
-    speed["model_fps"] = round(1000.0 / speed["model_ms"], 2) if speed["model_ms"] > 0 else 0.0
-    speed["images_timed"] = len(model_ms)
-    speed["warmup_runs"] = WARMUP_RUNS
+    speed = _speed_summary(pre_ms, model_ms, post_ms)
     result = {
         **metrics.coco_map(gts, preds),
         **{k: at_thr[k] for k in ("precision", "recall", "f1", "tp", "fp", "fn")},

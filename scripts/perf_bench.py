@@ -95,8 +95,7 @@ def write_run(run_dir: Path, n_steps: int, tensorboard: bool = False) -> None:
                                           val_map50_95=0.4, val_precision=0.9, val_recall=0.8, val_f1=0.85,
                                           lr=0.01, epoch_time_s=60.0)
             fh.write("".join(lines))
-    runs.atomic_write_json(run_dir / runs.STATUS_FILE, {"state": "running", "steps_per_epoch": STEPS_PER_EPOCH,
-                                                        "epochs": 50, "updated_at": time.time()})
+    runs.StatusWriter(run_dir).update(state="running", steps_per_epoch=STEPS_PER_EPOCH, epochs=50)
 
 
 def _append(run_dir: Path, first_step: int, n: int) -> None:
