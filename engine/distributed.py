@@ -187,7 +187,7 @@ def init_from_env(cfg, env: Optional[Mapping[str, str]] = None) -> DistContext:
         raise DistributedError("a torch.distributed process group already exists in this process")
     backend = CUDA_BACKEND if device.type == "cuda" else CPU_BACKEND
     try:
-        dist.init_process_group(backend=backend, init_method="env://", rank=launch.rank,
+        dist.init_process_group(backend=backend, store=_attempt_store(launch, timeout_s), rank=launch.rank,
                                 world_size=launch.world_size, timeout=timedelta(seconds=timeout_s),
                                 device_id=device if device.type == "cuda" else None)
     except Exception as exc:
@@ -195,6 +195,16 @@ def init_from_env(cfg, env: Optional[Mapping[str, str]] = None) -> DistContext:
                                f"{launch.master_addr}:{launch.master_port} ({type(exc).__name__}: "
                                f"{_first_line(exc)})") from None
     return DistContext(**common, backend=backend)
+
+
+def _attempt_store(launch: LaunchEnv, timeout_s: float):
+    """The env:// rendezvous store, with keys of this attempt only (prefix `attempt-<restart count>`).
+
+    torchrun (2.14.1) keeps one store across elastic restarts and the workers of a restart would
+    otherwise read the previous attempt's addresses from it (gloo: "connectFullMesh failed ...
+    Connection refused" to a port of the dead attempt), depending on who writes first."""
+    store, _, _ = next(dist.rendezvous("env://", launch.rank, launch.world_size, timeout=timedelta(seconds=timeout_s)))
+    return dist.PrefixStore(f"engine/attempt-{launch.restart_count}", store)
 
 
 def shutdown(ctx: DistContext) -> None:

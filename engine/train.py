@@ -570,7 +570,7 @@ def _train(cfg: Config, ctx: D.DistContext, run_name: Optional[str], resume: boo
                      **{**initial_fields(name, ckpt_dir, cfg.train.epochs), **_launch_fields(ctx)})
     state.started(resume)
     log.info("%s run %s (pid %d) -> %s", "Resuming" if resume else "Starting", name, os.getpid(), run_dir)
-    if ctx.restart_count:
+    if ctx.restart_count and ctx.is_main:
         log.warning("Elastic restart %d of at most %d: %s", ctx.restart_count, ctx.max_restarts,
                     f"resuming from {resume_from}" if resume_from else "starting over (no last.pth yet)")
     try:
