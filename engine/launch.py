@@ -114,7 +114,8 @@ def _live_pid(status: Optional[dict]) -> Optional[int]:
 
 
 def resume_run(run_name: str, runs_dir: PathLike = "runs") -> int:
-    """Resume a stopped, failed or crashed run in the same folder; returns the new pid."""
+    """Resume a stopped, failed or crashed run in the same folder; returns the new pid.
+    A run of several processes on one machine resumes on as many (`--nproc`)."""
     validate_run_name(run_name)
     runs_dir = _abs(runs_dir)
     run_dir = runs_dir / run_name
@@ -137,7 +138,10 @@ def resume_run(run_name: str, runs_dir: PathLike = "runs") -> int:
         if status and status.get("host") not in (None, runs.hostname()) and state == "stalled":
             raise LaunchError(f"run {run_name!r} runs on host {status.get('host')}; resume it there")
         args = ["train", "--resume", run_name, "--runs-dir", str(runs_dir)]
-        runs.write_queued(run_dir, run_name, "resuming")
+        nproc = int((status or {}).get("world_size") or 1)
+        if nproc > 1 and int((status or {}).get("nnodes") or 1) == 1:  # as many processes as before
+            args += ["--nproc", str(nproc)]
+        runs.write_queued(run_dir, run_name, "resuming", command=args)
         proc = _spawn(args, run_dir / runs.LOG_FILE)
         runs.set_pid_if_queued(run_dir, proc.pid)
         return proc.pid

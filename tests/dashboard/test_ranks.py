@@ -76,3 +76,13 @@ def test_start_run_refuses_a_process_count_before_creating_the_folder(tmp_path):
     with pytest.raises(LaunchError, match="3 processes"):
         start_run(ROOT / "configs" / "demo_cpu.yaml", "r3", [], runs_dir=tmp_path / "runs", nproc=3)
     assert not (tmp_path / "runs" / "r3").exists()
+
+
+def test_resume_of_a_two_process_run_asks_for_two_processes(tmp_path):
+    from engine.launch import resume_run
+
+    run_dir = tmp_path / "runs" / "ddp"
+    run_dir.mkdir(parents=True)
+    runs.atomic_write_json(run_dir / runs.STATUS_FILE, {"state": "stopped", "run": "ddp", "world_size": 2, "nnodes": 1})
+    resume_run("ddp", tmp_path / "runs")
+    assert runs.read_status(run_dir)["command"][-2:] == ["--nproc", "2"]
