@@ -1,7 +1,6 @@
 """dashboard/ranks.py: the per-rank heartbeat table, from real heartbeat files."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
