@@ -26,6 +26,11 @@ step records written after it are rewritten and readers keep the newest per step
 TensorBoard drops the orphaned events (SummaryWriter purge_step).
 last.pth of the final epoch has `completed: true` (no epochs left); the run is complete once
 status.json says `completed` (it then also carries `completed_at`).
+
+Several processes (torchrun; engine/distributed.py, docs/distributed.md): every rank runs train();
+rank 0 claims the folder and owns every file, the model is wrapped in DDP after the restore, the
+stop and NaN decisions are collective, validation is shared, and an elastic restart resumes from
+last.pth. World size 1 creates no process group and runs the loop above unchanged.
 """
 from __future__ import annotations
 
