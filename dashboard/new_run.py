@@ -1,6 +1,7 @@
 """The New run form's logic: which configs exist, the form's defaults, and the launch overrides."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +65,28 @@ def build_overrides(defaults: FormValues, chosen: FormValues) -> list[str]:
         out.append(f"input.train_sizes=[{int(chosen.image_size)}]")
         out.append(f"input.test_size={int(chosen.image_size)}")
     return out
+
+
+@functools.lru_cache(maxsize=1)
+def default_processes() -> int:
+    """Processes (GPUs) per run the form proposes: one per GPU present, 1 on a CPU machine."""
+    try:
+        import torch
+
+        return max(1, torch.cuda.device_count())
+    except Exception:
+        return 1
+
+
+def check_processes(nproc: int, batch_size: int) -> int:
+    """`nproc`, or ConfigError when it is not >= 1 or does not divide the (global) batch size."""
+    nproc = int(nproc)
+    if nproc < 1:
+        raise ConfigError(f"processes per run {nproc}: must be >= 1")
+    if batch_size % nproc:
+        raise ConfigError(f"batch size {batch_size} is split over the processes: {nproc} processes need a batch "
+                          f"size divisible by {nproc}")
+    return nproc
 
 
 def check_name(name: str, runs_dir: Path) -> str:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from dashboard import ranks
 from engine import runs
 
 RESUMABLE = ("stopped", "failed", "crashed")
@@ -25,6 +26,7 @@ class RunRow:
     duration_s: Optional[float]
     eta_s: Optional[float]
     status: dict
+    world_size: int = 1  # processes (GPUs) of the run
 
     @property
     def alive(self) -> bool:
@@ -96,7 +98,7 @@ def build_row(run_dir: Path, now: Optional[float] = None) -> RunRow:
         epoch=status.get("epoch"), epochs=status.get("epochs"),
         best_map50=best_map, best_epoch=best_epoch,
         started_at=status.get("started_at"), duration_s=run_duration(status, now) if status else None,
-        eta_s=estimate_eta(status, now) if status else None, status=status,
+        eta_s=estimate_eta(status, now) if status else None, status=status, world_size=ranks.world_size(status),
     )
 
 
@@ -117,6 +119,7 @@ def table_records(rows: list[RunRow]) -> list[dict]:
             "run": r.name,
             "state": r.state,
             "device": r.device,
+            "processes": r.world_size,
             "epoch": epoch,
             "best mAP@0.5": None if r.best_map50 is None else round(float(r.best_map50), 4),
             "best epoch": r.best_epoch,

@@ -155,32 +155,40 @@ class SkipSampler(Sampler):
 
 
 def make_train_sampler(dataset, seed: int, epoch: int, skip: int = 0) -> Sampler:
-    """The one place that picks the training sampler: DistributedSampler under torchrun, else a
-    RandomSampler whose order is a fixed function of (seed, epoch). `skip` drops leading indices."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        from torch.utils.data.distributed import DistributedSampler
-
-        sampler: Sampler = DistributedSampler(dataset, shuffle=True, seed=seed)
-        sampler.set_epoch(epoch)
-    else:
-        generator = torch.Generator()
-        generator.manual_seed(seed * 100003 + epoch)
-        sampler = RandomSampler(dataset, generator=generator)
+    """The training order of one process: a RandomSampler whose order is a fixed function of
+    (seed, epoch). `skip` drops leading indices. (Several processes: engine.distributed.train_sampler.)"""
+    generator = torch.Generator()
+    generator.manual_seed(seed * 100003 + epoch)
+    sampler: Sampler = RandomSampler(dataset, generator=generator)
     return SkipSampler(sampler, skip) if skip else sampler
 
 
-def steps_per_epoch(cfg: Config, train_ds) -> int:
-    return math.ceil(len(make_train_sampler(train_ds, cfg.run.seed, 1)) / cfg.train.batch_size)
+def steps_per_epoch(cfg: Config, train_ds, world_size: int = 1) -> int:
+    """Optimizer steps per epoch; train.batch_size is the global batch (over all processes)."""
+    from engine import distributed as D
+
+    return D.steps_per_epoch(len(train_ds), cfg.train.batch_size, world_size)
 
 
-def train_loader(cfg: Config, train_ds, epoch: int, skip_batches: int, device: torch.device) -> DataLoader:
-    """The loader of one training epoch, without its first `skip_batches` batches."""
-    sampler = make_train_sampler(train_ds, cfg.run.seed, epoch, skip=skip_batches * cfg.train.batch_size)
+def train_loader(cfg: Config, train_ds, epoch: int, skip_batches: int, device: torch.device,
+                 ctx=None) -> DataLoader:
+    """The loader of one training epoch, without its first `skip_batches` batches.
+
+    With several processes (`ctx`, an engine.distributed.DistContext) each rank loads its share
+    (DistributedSampler, reshuffled per epoch) in batches of train.batch_size / world size, and
+    seeds its DataLoader workers apart from the other ranks'; rank 0 draws exactly as one process."""
+    from engine import distributed as D
+
+    world, rank = (ctx.world_size, ctx.rank) if ctx is not None else (1, 0)
+    batch = D.per_rank_batch_size(cfg.train.batch_size, world)
+    if world > 1:
+        sampler: Sampler = D.train_sampler(train_ds, ctx, cfg.run.seed, epoch)
+        sampler = SkipSampler(sampler, skip_batches * batch) if skip_batches else sampler
+    else:
+        sampler = make_train_sampler(train_ds, cfg.run.seed, epoch, skip=skip_batches * batch)
     generator = torch.Generator()
-    generator.manual_seed(cfg.run.seed * 1009 + epoch)
-    return DataLoader(train_ds, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
+    generator.manual_seed(D.augmentation_seed(cfg.run.seed, rank) * 1009 + epoch)
+    return DataLoader(train_ds, batch_size=batch, sampler=sampler, num_workers=cfg.data.num_workers,
                       collate_fn=collate_fn, worker_init_fn=seed_worker, generator=generator,
                       pin_memory=device.type == "cuda")
 

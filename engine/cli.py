@@ -175,6 +175,9 @@ def _launch_torchrun(args, cfg, run_name) -> None:
 
     raw = list(getattr(args, "raw_argv", None) or [])
     train_args = raw[raw.index("train") + 1:] if "train" in raw else raw
+    from engine.distributed import per_rank_batch_size
+
+    per_rank_batch_size(cfg.train.batch_size, args.nproc)  # a count that does not divide the batch fails now
     if not run_name and not args.resume:
         from engine.config import default_run_name
 

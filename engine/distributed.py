@@ -187,7 +187,7 @@ def init_from_env(cfg, env: Optional[Mapping[str, str]] = None) -> DistContext:
         raise DistributedError("a torch.distributed process group already exists in this process")
     backend = CUDA_BACKEND if device.type == "cuda" else CPU_BACKEND
     try:
-        dist.init_process_group(backend=backend, init_method="env://", rank=launch.rank,
+        dist.init_process_group(backend=backend, store=_attempt_store(launch, timeout_s), rank=launch.rank,
                                 world_size=launch.world_size, timeout=timedelta(seconds=timeout_s),
                                 device_id=device if device.type == "cuda" else None)
     except Exception as exc:
@@ -195,6 +195,16 @@ def init_from_env(cfg, env: Optional[Mapping[str, str]] = None) -> DistContext:
                                f"{launch.master_addr}:{launch.master_port} ({type(exc).__name__}: "
                                f"{_first_line(exc)})") from None
     return DistContext(**common, backend=backend)
+
+
+def _attempt_store(launch: LaunchEnv, timeout_s: float):
+    """The env:// rendezvous store, with keys of this attempt only (prefix `attempt-<restart count>`).
+
+    torchrun (2.14.1) keeps one store across elastic restarts and the workers of a restart would
+    otherwise read the previous attempt's addresses from it (gloo: "connectFullMesh failed ...
+    Connection refused" to a port of the dead attempt), depending on who writes first."""
+    store, _, _ = next(dist.rendezvous("env://", launch.rank, launch.world_size, timeout=timedelta(seconds=timeout_s)))
+    return dist.PrefixStore(f"engine/attempt-{launch.restart_count}", store)
 
 
 def shutdown(ctx: DistContext) -> None:
@@ -359,7 +369,9 @@ def average_losses(loss_dict: Mapping[str, Any], ctx: DistContext) -> dict[str, 
     keys = sorted(k for k in loss_dict if k != "loss")
     values = [float(loss_dict[k].detach()) if isinstance(loss_dict[k], torch.Tensor) else float(loss_dict[k])
               for k in keys]
-    total = float(loss_dict["loss"]) if "loss" in loss_dict else sum(values)
+    raw_total = loss_dict.get("loss")
+    total = float(raw_total.detach() if isinstance(raw_total, torch.Tensor) else raw_total) \
+        if raw_total is not None else sum(values)
     local = torch.tensor(values + [total], dtype=torch.float64)
     if ctx.world_size > 1:
         dist.all_reduce(local, op=dist.ReduceOp.SUM)
@@ -454,7 +466,8 @@ def _agreeing_loader(loader, rounds: int, ctx: DistContext, should_stop: Optiona
 
 
 def evaluate_distributed(model: nn.Module, dataset, ctx: DistContext, *, batch_size: int, collate_fn,
-                         score_threshold: float, iou: float = 0.5, amp: bool = False, num_workers: int = 0,
+                         score_threshold: float, iou: float = 0.5, amp: bool = False,
+                         amp_dtype: torch.dtype = torch.float16, num_workers: int = 0,
                          should_stop: Optional[Callable[[], bool]] = None, beat: Optional[Callable[[], None]] = None,
                          progress: bool = False) -> dict:
     """engine.metrics.detection_metrics of `dataset`, each rank predicting its share.
@@ -475,7 +488,7 @@ def evaluate_distributed(model: nn.Module, dataset, ctx: DistContext, *, batch_s
     rounds = eval_rounds(len(dataset), batch_size, ctx.world_size)
     try:
         gts, preds = predict_loader(plain, _agreeing_loader(loader, rounds, ctx, should_stop, beat), ctx.device, amp,
-                                    progress=progress and ctx.is_main, desc="validate")
+                                    progress=progress and ctx.is_main, desc="validate", amp_dtype=amp_dtype)
     finally:
         plain.train(was_training)
     if ctx.world_size == 1:
@@ -607,6 +620,44 @@ def resume_progress(saved_world_size: Optional[int], world_size: int,
              else "from the next epoch")
     return None, (f"resuming a run trained on {saved} process(es) with {world_size}: {where}; "
                   f"the global batch and the LR schedule are unchanged, data order and random draws differ")
+
+
+# ----------------------------------------------------------------------------- faults (tests only)
+FAULT_ENV = "ENGINE_TEST_FAULT"  # "nan:RANK:STEP" or "crash:RANK:STEP" (a crash only on the first attempt)
+
+
+class FaultInjection(nn.Module):
+    """Wraps the (DDP) model of one rank: at global step `at` its loss turns NaN, or the process
+    dies (os._exit, as a kill would). Used by the acceptance tests through ENGINE_TEST_FAULT."""
+
+    def __init__(self, model: nn.Module, kind: str, at: int, steps_done: int):
+        super().__init__()
+        self.model, self.kind, self.at, self.step = model, kind, int(at), int(steps_done)
+
+    def forward(self, *args, **kwargs):
+        self.step += 1
+        out = self.model(*args, **kwargs)
+        if self.step == self.at and self.kind == "crash":
+            os._exit(3)
+        if self.step == self.at and self.kind == "nan":
+            out = {k: v * float("nan") for k, v in out.items()}
+        return out
+
+
+def inject_faults(model: nn.Module, ctx: DistContext, steps_done: int,
+                  env: Optional[Mapping[str, str]] = None) -> nn.Module:
+    """`model`, wrapped in FaultInjection when ENGINE_TEST_FAULT names this rank."""
+    spec = (os.environ if env is None else env).get(FAULT_ENV)
+    if not spec:
+        return model
+    try:
+        kind, rank, step = spec.split(":")
+        rank_n, step_n = int(rank), int(step)
+    except ValueError:
+        raise DistributedError(f"{FAULT_ENV}={spec!r}: expected nan|crash:RANK:STEP") from None
+    if kind not in ("nan", "crash") or rank_n != ctx.rank or (kind == "crash" and ctx.restart_count > 0):
+        return model
+    return FaultInjection(model, kind, step_n, steps_done)
 
 
 # ----------------------------------------------------------------------------- run names

@@ -57,8 +57,12 @@ def _spawn(args: Sequence[str], log_path: Path) -> subprocess.Popen:
 
 def start_run(config_path: PathLike, run_name: str, overrides: Optional[list[str]] = None,
               data_root: Optional[PathLike] = None, device: Optional[str] = None,
-              runs_dir: PathLike = "runs", checkpoints_dir: Optional[PathLike] = None) -> int:
+              runs_dir: PathLike = "runs", checkpoints_dir: Optional[PathLike] = None, nproc: int = 1) -> int:
     """Start `python -m engine train` detached; returns its pid.
+
+    `nproc` > 1 trains on that many processes (GPUs): the child replaces itself with torchrun
+    (engine/distributed_launch.py), so the pid returned is torchrun's agent, whose process group
+    stop_run signals.
 
     The config and overrides are validated first (ConfigError). The run folder is created
     atomically; an existing name raises LaunchError. `checkpoints_dir` (an addition to the
@@ -70,7 +74,10 @@ def start_run(config_path: PathLike, run_name: str, overrides: Optional[list[str
     all_overrides = overrides + [f"run.runs_dir={runs_dir}"]
     if checkpoints_dir is not None:
         all_overrides.append(f"run.checkpoints_dir={_abs(checkpoints_dir)}")
-    load_config(config_path, all_overrides)  # a bad value fails here, before any folder exists
+    cfg = load_config(config_path, all_overrides)  # a bad value fails here, before any folder exists
+    if int(nproc) < 1 or cfg.train.batch_size % int(nproc):
+        raise LaunchError(f"{nproc} processes: need >= 1 dividing train.batch_size ({cfg.train.batch_size}, "
+                          f"the global batch)")
 
     runs_dir.mkdir(parents=True, exist_ok=True)
     run_dir = runs_dir / run_name
@@ -86,6 +93,8 @@ def start_run(config_path: PathLike, run_name: str, overrides: Optional[list[str
         args += ["--device", device]
     for item in all_overrides:
         args += ["--set", item]
+    if int(nproc) > 1:
+        args += ["--nproc", str(int(nproc))]
     runs.write_queued(run_dir, run_name, "launched", started_at=time.time(), command=args)
     try:
         proc = _spawn(args, run_dir / runs.LOG_FILE)
@@ -105,7 +114,8 @@ def _live_pid(status: Optional[dict]) -> Optional[int]:
 
 
 def resume_run(run_name: str, runs_dir: PathLike = "runs") -> int:
-    """Resume a stopped, failed or crashed run in the same folder; returns the new pid."""
+    """Resume a stopped, failed or crashed run in the same folder; returns the new pid.
+    A run of several processes on one machine resumes on as many (`--nproc`)."""
     validate_run_name(run_name)
     runs_dir = _abs(runs_dir)
     run_dir = runs_dir / run_name
@@ -128,7 +138,10 @@ def resume_run(run_name: str, runs_dir: PathLike = "runs") -> int:
         if status and status.get("host") not in (None, runs.hostname()) and state == "stalled":
             raise LaunchError(f"run {run_name!r} runs on host {status.get('host')}; resume it there")
         args = ["train", "--resume", run_name, "--runs-dir", str(runs_dir)]
-        runs.write_queued(run_dir, run_name, "resuming")
+        nproc = int((status or {}).get("world_size") or 1)
+        if nproc > 1 and int((status or {}).get("nnodes") or 1) == 1:  # as many processes as before
+            args += ["--nproc", str(nproc)]
+        runs.write_queued(run_dir, run_name, "resuming", command=args)
         proc = _spawn(args, run_dir / runs.LOG_FILE)
         runs.set_pid_if_queued(run_dir, proc.pid)
         return proc.pid

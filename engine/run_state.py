@@ -71,8 +71,11 @@ class RunState:
     """The status of one training process; `main=False` (non-zero ranks) writes nothing."""
 
     def __init__(self, run_dir: Path, stop: StopSignals, *, stop_at_step: Optional[int] = None,
-                 main: bool = True, **initial: Any):
+                 main: bool = True, rank_heartbeat=None, rank_table=None, **initial: Any):
         self.writer = runs.StatusWriter(run_dir, enabled=main, **initial)
+        # several processes: this rank's heartbeat file (engine.distributed.RankHeartbeat), and on
+        # rank 0 a function giving every rank's last heartbeat, copied into status.json as `ranks`
+        self.rank_heartbeat, self.rank_table = rank_heartbeat, rank_table
         self.stop, self.stop_at_step = stop, stop_at_step
         self.main = main
         self.epochs = int(initial.get("epochs") or 0)
@@ -126,24 +129,27 @@ class RunState:
     def epoch_done(self, epoch: int, steps_per_epoch: int, global_step: int, best: dict, map50: float,
                    val_time_s: float) -> None:
         self.epoch, self.global_step, self.val_time_s = epoch + 1, global_step, val_time_s
+        if self.rank_heartbeat is not None:
+            self.rank_heartbeat.beat(global_step, epoch, force=True)
         self.writer.update(epoch=epoch, step=steps_per_epoch, global_step=global_step, best=dict(best),
-                           images_per_s=self.images_per_s, eta_s=self.eta(),
+                           images_per_s=self.images_per_s, eta_s=self.eta(), **self._ranks(),
                            message=f"epoch {epoch}/{self.epochs} done, val mAP@0.5 {map50:.4f}")
 
     def testing(self, split: str) -> None:
         self.writer.update(message=f"evaluating best.pth on the {split} split")
 
     def stopped(self, message: str) -> None:
-        self.writer.update(state="stopped", ended_at=time.time(), eta_s=None, message=message)
+        self.writer.update(state="stopped", ended_at=time.time(), eta_s=None, message=message, **self._ranks())
 
     def completed(self, message: str, epoch: int, elapsed_s: float) -> None:
         """The run is done (`completed_at` stays when a launcher later marks the run queued)."""
         now = time.time()
         self.writer.update(state="completed", ended_at=now, completed_at=now, eta_s=0, epoch=epoch,
-                           elapsed_s=elapsed_s, message=message)
+                           elapsed_s=elapsed_s, message=message, **self._ranks())
 
     def failed(self, error: str) -> None:
-        self.writer.update(state="failed", ended_at=time.time(), eta_s=None, error=error, message=error)
+        self.writer.update(state="failed", ended_at=time.time(), eta_s=None, error=error, message=error,
+                           **self._ranks())
 
     def interrupted(self) -> None:
         self.writer.update(state="stopped", ended_at=time.time(), eta_s=None,
@@ -152,8 +158,16 @@ class RunState:
     # ------------------------------------------------------------------ heartbeat, ETA, stop
     def beat(self, **fields: Any) -> None:
         """Rewrite status.json if HEARTBEAT_S passed since the last write; `fields` are kept either way."""
+        if self.rank_heartbeat is not None:
+            self.rank_heartbeat.beat(self.global_step, self.epoch)
+        if self.rank_table is not None and time.time() - self.writer.last_write >= HEARTBEAT_S:
+            fields["ranks"] = self.rank_table()
         self.writer.heartbeat(every=HEARTBEAT_S, global_step=self.global_step, images_per_s=self.images_per_s,
                               eta_s=self.eta(), **fields)
+
+    def _ranks(self) -> dict:
+        """{"ranks": every rank's last heartbeat} on rank 0 of a multi-process run, else {}."""
+        return {"ranks": self.rank_table()} if self.rank_table is not None else {}
 
     def eta(self) -> Optional[float]:
         """Seconds left: remaining steps at the average step time + the validations still to run."""
@@ -176,7 +190,11 @@ class RunState:
             raise StopRequested()
 
     def stop_reason(self) -> str:
-        return f"stop requested ({self.stop.name})" if self.stop.requested else f"stop_at_step={self.stop_at_step}"
+        if self.stop.requested:
+            return f"stop requested ({self.stop.name})"
+        if self.stop_at_step is not None:
+            return f"stop_at_step={self.stop_at_step}"
+        return "stop requested on another rank"
 
 
 def environment() -> dict:

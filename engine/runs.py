@@ -10,6 +10,7 @@ evaluate, probes, the report) and readers (the dashboard) use these names.
                             samples.json samples/*.jpg evaluate.log evaluate.pid
                probes/      index.json epoch_NNN/<image id>.jpg
                report/      RESULTS.md img/*.png
+               ranks/       rank-N.json (several processes: each rank's heartbeat)
     checkpoints/<run>/best.pth  last.pth
 
 status.json   {"state", "run", "pid", "pgid", "host", "device", "device_name", "started_at",
@@ -19,6 +20,11 @@ status.json   {"state", "run", "pid", "pgid", "host", "device", "device_name", "
                "elapsed_s", "command", "torch_version", "cuda_version", "python_version",
                "platform"}     times are unix seconds; `completed_at` is set once, when the run
                completes, and stays when a launcher marks the run queued again
+              several processes (torchrun, engine/distributed.py) add {"world_size", "nnodes",
+               "backend", "restart_count", "max_restarts", "elastic_run_id", "launcher_pid",
+               "launcher_pgid", "worker_pid", "ranks": [{"rank", "host", "pid", "step", "epoch",
+               "age_s", "gpu_mem_peak_mb", "alive"}]}; "pid"/"pgid" are then torchrun's agent's
+               (the process group a Stop signals) and "worker_pid" is rank 0's
 metrics.jsonl {"type": "step", "step", "epoch", "time", "loss", "loss_classifier", "loss_box_reg",
                "loss_objectness", "loss_rpn_box_reg", "lr", "grad_norm", "images_per_s",
                "data_time_s", "amp_scale", "gpu_mem_peak_mb"}   (the last two null off CUDA/AMP)

@@ -26,6 +26,11 @@ step records written after it are rewritten and readers keep the newest per step
 TensorBoard drops the orphaned events (SummaryWriter purge_step).
 last.pth of the final epoch has `completed: true` (no epochs left); the run is complete once
 status.json says `completed` (it then also carries `completed_at`).
+
+Several processes (torchrun; engine/distributed.py, docs/distributed.md): every rank runs train();
+rank 0 claims the folder and owns every file, the model is wrapped in DDP after the restore, the
+stop and NaN decisions are collective, validation is shared, and an elastic restart resumes from
+last.pth. World size 1 creates no process group and runs the loop above unchanged.
 """
 from __future__ import annotations
 
@@ -37,7 +42,6 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional
 
@@ -45,13 +49,14 @@ import torch
 from tqdm import tqdm
 
 from engine import build, evaluate, runs
+from engine import distributed as D
 from engine.checkpoint import FORMAT, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from engine.config import Config, default_run_name, load_config, save_config, validate_run_name
 from engine.errors import EngineError, RunError
 from engine.run_state import RunState, StopRequested, StopSignals, initial_fields
 from engine.schedule import EarlyStopping
-from engine.steps import EpochProgress, tqdm_kwargs, train_one_epoch, validate_one_epoch
-from engine.tracking import is_main_process, make_recorder
+from engine.steps import EpochProgress, check_stop, tqdm_kwargs, train_one_epoch, validate_one_epoch
+from engine.tracking import make_recorder
 
 log = logging.getLogger("engine.train")
 
@@ -63,9 +68,12 @@ class AlreadyCompletedError(RunError):
 
 
 # ----------------------------------------------------------------------------- run names and folders
-def _claim_new_run(run_dir: Path, ckpt_dir: Path) -> None:
+def _claim_new_run(run_dir: Path, ckpt_dir: Path, elastic_run_id: Optional[str] = None) -> None:
     """Refuse a folder that already holds a run. A folder with only a `queued` status and a
-    train.log is fine: that is the dashboard launching this very run."""
+    train.log is fine: that is the dashboard launching this very run; so is a folder started by
+    an earlier attempt of this very torchrun job (`elastic_run_id`, a restart before any last.pth)."""
+    if elastic_run_id and (runs.read_status(run_dir) or {}).get("elastic_run_id") == elastic_run_id:
+        return
     if (run_dir / runs.CONFIG_FILE).exists() or (run_dir / runs.METRICS_FILE).exists():
         raise RunError(f"run {run_dir.name!r} already exists in {run_dir.parent} "
                        f"(pick another name, or resume it with --resume {run_dir.name})")
@@ -91,7 +99,7 @@ def load_run_config(run: str, runs_dir: str = "runs", overrides: Optional[list[s
     return cfg
 
 
-def _resume_checkpoint(run: str, run_dir: Path, ckpt_dir: Path) -> Path:
+def _resume_checkpoint(run: str, run_dir: Path, ckpt_dir: Path, ctx: D.DistContext) -> Path:
     """last.pth of a run that may be resumed. A checkpoint with `completed` (no epochs left) of a
     run whose status has no `completed_at` resumes into the final test evaluation."""
     if not run_dir.is_dir():
@@ -102,7 +110,7 @@ def _resume_checkpoint(run: str, run_dir: Path, ckpt_dir: Path) -> Path:
                                     f"start a new run, e.g. with --set model.weights={ckpt_dir / runs.BEST_CKPT}")
     if status.get("completed_at"):  # completed, then marked queued again by a launcher
         raise AlreadyCompletedError(f"run {run!r} already completed (epoch {status.get('epoch')}); nothing to resume")
-    if (status.get("state") in runs.LIVE_STATES and status.get("pid") not in (None, os.getpid())
+    if (status.get("state") in runs.LIVE_STATES and status.get("pid") not in (None, os.getpid(), ctx.launcher_pid)
             and status.get("host") == runs.hostname() and runs.pid_alive(status.get("pid"))):
         raise RunError(f"run {run!r} is still running (pid {status.get('pid')})")
     path = ckpt_dir / runs.LAST_CKPT
@@ -111,10 +119,10 @@ def _resume_checkpoint(run: str, run_dir: Path, ckpt_dir: Path) -> Path:
     return path
 
 
-def _settle_queued_status(run_dir: Path, exc: RunError) -> None:
+def _settle_queued_status(run_dir: Path, exc: RunError, ctx: D.DistContext) -> None:
     """A launcher marked the run `queued` before starting us; a refused resume must not leave it so."""
     status = runs.read_status(run_dir)
-    if not status or status.get("state") != "queued" or status.get("pid") not in (None, os.getpid()):
+    if not status or status.get("state") != "queued" or status.get("pid") not in (None, os.getpid(), ctx.launcher_pid):
         return
     if isinstance(exc, AlreadyCompletedError):
         runs.write_ended(run_dir, "completed", str(exc), pid=os.getpid())
@@ -132,14 +140,18 @@ def _same_file(stream, path: Path) -> bool:
     return (a.st_ino, a.st_dev) == (b.st_ino, b.st_dev)
 
 
-def _setup_logging(run_dir: Path) -> list:
-    """Log to stdout; also to runs/<run>/train.log unless stdout already is that file."""
+def _setup_logging(run_dir: Path, ctx: D.DistContext) -> list:
+    """Log to stdout; rank 0 also to runs/<run>/train.log unless stdout already is that file.
+    Other ranks log warnings and errors only, to stdout, marked with their rank."""
     logger = logging.getLogger("engine")
     logger.setLevel(logging.INFO)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    where = "" if ctx.is_main else f"[rank {ctx.rank}] "
+    fmt = logging.Formatter(f"%(asctime)s %(levelname)s {where}%(message)s", "%Y-%m-%d %H:%M:%S")
     handlers: list = [logging.StreamHandler(sys.stdout)]
+    if not ctx.is_main:
+        handlers[0].setLevel(logging.WARNING)
     log_path = run_dir / runs.LOG_FILE
-    if is_main_process() and not _same_file(sys.stdout, log_path):
+    if ctx.is_main and not _same_file(sys.stdout, log_path):
         handlers.append(logging.FileHandler(log_path, encoding="utf-8"))
     for handler in handlers:
         handler.setFormatter(fmt)
@@ -176,6 +188,11 @@ class Training:
     scaler: torch.amp.GradScaler
     steps_per_epoch: int
     num_params: int
+    ctx: D.DistContext = field(default_factory=D.DistContext)
+    plain: Optional[torch.nn.Module] = None  # the model itself (`model` may be its DDP wrapper)
+
+    def __post_init__(self) -> None:
+        self.plain = self.plain if self.plain is not None else self.model
 
     @property
     def total_steps(self) -> int:
@@ -212,13 +229,18 @@ class LoopState:
         return self.elapsed_before + time.time() - self.t_start
 
 
-def build_training(cfg: Config, run_dir: Path, ckpt_dir: Path, state: RunState) -> Training:
-    """Device, seeds, data, model, optimizer, schedule, scaler, in this order (the RNG streams depend on it)."""
+def build_training(cfg: Config, run_dir: Path, ckpt_dir: Path, state: RunState,
+                   ctx: Optional[D.DistContext] = None) -> Training:
+    """Device, seeds, data, model, optimizer, schedule, scaler, in this order (the RNG streams depend on it).
+
+    With several processes (`ctx`) each rank seeds its own random draws (rank 0 as one process
+    does) and trains on its device; the model is not wrapped in DDP yet (see fit)."""
     from engine.model import build_model, count_parameters, resolve_device
 
-    device = resolve_device(cfg.train.device)
+    ctx = ctx or D.DistContext()
+    device = ctx.device if ctx.distributed else resolve_device(cfg.train.device)
     amp = build.amp_settings(cfg.train, device)
-    build.seed_everything(cfg.run.seed, cfg.train.deterministic)
+    build.seed_everything(D.augmentation_seed(cfg.run.seed, ctx.rank), cfg.train.deterministic)
     device_name = build.device_name(device)
     state.preparing("loading dataset", device=str(device), device_name=device_name)
     data = build.build_data(cfg)
@@ -227,35 +249,43 @@ def build_training(cfg: Config, run_dir: Path, ckpt_dir: Path, state: RunState) 
     for split, s in data.summary.items():
         log.info("Dataset %-5s: %d images, %d boxes, %d empty images, %d dropped boxes, %d clipped",
                  split, s["images"], s["boxes"], s["empty_images"], s["dropped_boxes"], s.get("clipped_boxes", 0))
-    steps_per_epoch = build.steps_per_epoch(cfg, data.train_ds)
+    steps_per_epoch = build.steps_per_epoch(cfg, data.train_ds, ctx.world_size)
     valid_loader = build.valid_loader(cfg, data.valid_ds, device)
     state.preparing("building model")
     model = build_model(cfg).to(device)
     optimizer = build.build_optimizer(cfg, model)
     scheduler = build.build_scheduler(cfg, optimizer, steps_per_epoch)
     return Training(cfg, run_dir, ckpt_dir, device, device_name, amp, data, valid_loader, model, optimizer,
-                    scheduler, build.build_scaler(amp, device), steps_per_epoch, count_parameters(model))
+                    scheduler, build.build_scaler(amp, device), steps_per_epoch, count_parameters(model), ctx)
 
 
 def restore_training(ckpt: dict, t: Training) -> LoopState:
-    """Load last.pth's weights and optimizer, schedule, scaler states into `t`; return its LoopState."""
+    """Load last.pth's weights and optimizer, schedule, scaler states into `t`; return its LoopState.
+
+    A run saved by another number of processes resumes from the epoch boundary (the interrupted
+    epoch is trained again from its first batch), with a warning."""
     where = t.ckpt_dir / runs.LAST_CKPT
-    sched = ckpt.get("scheduler") or {}
+    sched = dict(ckpt.get("scheduler") or {})
+    global_step = int(ckpt["global_step"])
+    progress, warning = D.resume_progress(ckpt.get("world_size"), t.ctx.world_size, ckpt.get("epoch_progress"))
+    if warning:
+        log.warning("%s", warning)
+        if ckpt.get("epoch_progress"):
+            global_step = sched["last_step"] = int(ckpt["epoch_progress"]["start_step"])
     if int(sched.get("total_steps", t.total_steps)) != t.total_steps:
         raise RunError(f"{where}: the run had {sched.get('total_steps')} steps in all, the data and config now give "
                        f"{t.total_steps} ({t.steps_per_epoch}/epoch); the dataset or batch size changed, "
                        f"start a new run instead")
-    t.model.load_state_dict(ckpt["model"])
+    t.plain.load_state_dict(ckpt["model"])
     t.optimizer.load_state_dict(ckpt["optimizer"])
     t.scheduler.load_state_dict(sched)
     if t.scaler.is_enabled() and ckpt.get("scaler"):
         t.scaler.load_state_dict(ckpt["scaler"])
     loop = LoopState(EarlyStopping(t.cfg.train.early_stopping_patience), next_epoch=int(ckpt["epoch"]) + 1,
-                     global_step=int(ckpt["global_step"]), training_done=bool(ckpt.get("completed")),
+                     global_step=global_step, training_done=bool(ckpt.get("completed")),
                      last_record=ckpt.get("metrics"), elapsed_before=float(ckpt.get("elapsed_s") or 0.0))
     loop.best = dict(ckpt.get("best") or loop.best)
     loop.early.load_state_dict(ckpt.get("early_stopping") or {})
-    progress = ckpt.get("epoch_progress")
     if progress and int(progress["epoch"]) == loop.next_epoch:
         loop.progress = EpochProgress.from_dict(progress)
         if loop.progress.global_step != loop.global_step:
@@ -267,10 +297,17 @@ def restore_training(ckpt: dict, t: Training) -> LoopState:
 
 
 def make_checkpoint(t: Training, loop: LoopState, epochs_done: int) -> dict:
-    """The checkpoint dict (engine.checkpoint's format) of the loop's current state."""
+    """The checkpoint dict (engine.checkpoint's format) of the loop's current state.
+
+    With several processes every rank must call it at the same point (it gathers every rank's RNG
+    state: `rng` is rank 0's, `rng_ranks` all of them); only rank 0 saves it."""
+    extra = {}
+    if t.ctx.distributed:
+        states = D.gather_rng_states(t.ctx, rng_state())
+        extra = {"world_size": t.ctx.world_size, "rng_ranks": states}
     return {
         "format": FORMAT,
-        "model": t.model.state_dict(),
+        "model": t.plain.state_dict(),
         "optimizer": t.optimizer.state_dict(),
         "scheduler": t.scheduler.state_dict(),
         "scaler": t.scaler.state_dict() if t.scaler.is_enabled() else {},
@@ -278,13 +315,14 @@ def make_checkpoint(t: Training, loop: LoopState, epochs_done: int) -> dict:
         "global_step": int(loop.current_step),
         "best": dict(loop.best),
         "early_stopping": loop.early.state_dict(),
-        "rng": rng_state(),
+        "rng": extra["rng_ranks"][0] if extra else rng_state(),
         "config": t.cfg.to_dict(),
         "run": t.cfg.run.name,
         "metrics": dict(loop.last_record) if loop.last_record else {},
         "completed": loop.training_done,
         "epoch_progress": loop.progress.to_dict() if loop.progress and loop.progress.batches_done else None,
         "elapsed_s": float(loop.elapsed()),
+        **extra,
     }
 
 
@@ -296,15 +334,22 @@ def _save(t: Training, which: str, ckpt: dict, main: bool) -> Path:
 
 
 # ----------------------------------------------------------------------------- the loop
-def fit(cfg: Config, run_dir: Path, ckpt_dir: Path, state: RunState, resume_from: Optional[Path] = None) -> dict:
-    """Build, restore `resume_from` (last.pth) if given, train the epochs left, evaluate the test split."""
+def fit(cfg: Config, run_dir: Path, ckpt_dir: Path, state: RunState, resume_from: Optional[Path] = None,
+        ctx: Optional[D.DistContext] = None) -> dict:
+    """Build, restore `resume_from` (last.pth) if given, train the epochs left, evaluate the test split.
+
+    With several processes (`ctx`) every rank runs this; the model is wrapped in DDP after the
+    restore, and rank 0 alone records, saves and evaluates the test split."""
+    ctx = ctx or D.DistContext()
     checkpoint = load_checkpoint(resume_from, map_location="cpu") if resume_from else None
-    t = build_training(cfg, run_dir, ckpt_dir, state)
+    t = build_training(cfg, run_dir, ckpt_dir, state, ctx)
     loop = restore_training(checkpoint, t) if checkpoint else LoopState(EarlyStopping(cfg.train.early_stopping_patience))
+    if ctx.distributed:
+        t.model = D.inject_faults(D.wrap_model(t.plain, ctx, cfg.dist.find_unused_parameters), ctx, loop.global_step)
     recorder = make_recorder(run_dir, purge_step=loop.global_step + 1 if checkpoint else None)
     probes = build.select_probes(cfg, t.data.valid_split, state.main)
     if checkpoint:  # last, so nothing above shifts the restored RNG streams
-        restore_rng_state(checkpoint.get("rng") or {})
+        _restore_rng(checkpoint, ctx)
         checkpoint = None  # free the memory
     state.training(epochs_done=loop.next_epoch - 1, step=loop.progress.batches_done if loop.progress else 0,
                    steps_per_epoch=t.steps_per_epoch, global_step=loop.global_step, total_steps=t.total_steps,
@@ -314,19 +359,21 @@ def fit(cfg: Config, run_dir: Path, ckpt_dir: Path, state: RunState, resume_from
                       file=sys.stderr, disable=not state.main, **tqdm_kwargs())
     try:
         for epoch in loop.epochs_left(cfg.train.epochs):
-            state.check_stop()
+            check_stop(state, ctx)
             progress = loop.progress_for(epoch)
-            loader = build.train_loader(cfg, t.data.train_ds, epoch, progress.batches_done, t.device)
+            loader = build.train_loader(cfg, t.data.train_ds, epoch, progress.batches_done, t.device, ctx)
             train_one_epoch(t.model, t.optimizer, t.scheduler, t.scaler, loader, t.device, progress, amp=t.amp,
                             grad_clip=cfg.train.grad_clip, log_every=cfg.train.log_every, recorder=recorder,
-                            state=state, epochs=cfg.train.epochs, steps_per_epoch=t.steps_per_epoch)
+                            state=state, epochs=cfg.train.epochs, steps_per_epoch=t.steps_per_epoch, ctx=ctx)
             t0 = time.time()
-            metrics = validate_one_epoch(t.model, t.valid_loader, t.device, cfg.eval, t.amp, state, epoch)
+            metrics = validate_one_epoch(t.plain, t.valid_loader, t.device, cfg.eval, t.amp, state, epoch, ctx)
             end_of_epoch(t, loop, epoch, metrics, time.time() - t0, recorder, probes, state)
             epochs_bar.update(1)
             if loop.training_done:
                 break
         elapsed = loop.elapsed()
+        _check_replicas(t, loop)
+        D.barrier(ctx)  # last.pth is saved; the other ranks may leave (the test split is rank 0's)
         _log_summary(elapsed, loop)
         evaluate_test_split(t, state)
     except StopRequested:
@@ -335,6 +382,27 @@ def fit(cfg: Config, run_dir: Path, ckpt_dir: Path, state: RunState, resume_from
         epochs_bar.close()
         recorder.close()
     return _completed(t, loop, state, elapsed)
+
+
+def _restore_rng(checkpoint: dict, ctx: D.DistContext) -> None:
+    """This rank's saved RNG state; after a change of process count, only rank 0's (others keep their seeds)."""
+    per_rank = checkpoint.get("rng_ranks")
+    if per_rank and len(per_rank) == ctx.world_size:
+        restore_rng_state(per_rank[ctx.rank] or {})
+    elif ctx.is_main:
+        restore_rng_state(checkpoint.get("rng") or {})
+
+
+def _check_replicas(t: Training, loop: LoopState) -> None:
+    """With several processes: every rank's weights must be bit-identical (a gathered checksum)."""
+    if not t.ctx.distributed:
+        return
+    sums = D.gather_checksums(t.plain, t.ctx)
+    if len(set(sums)) != 1:
+        raise D.DistributedError(f"replicas differ after {loop.current_step} steps: " +
+                                 ", ".join(f"rank {r} {s[:12]}" for r, s in enumerate(sums)))
+    log.info("Replicas identical after %d steps on %d processes (weights sha256 %s)", loop.current_step,
+             t.ctx.world_size, sums[0][:16])
 
 
 def end_of_epoch(t: Training, loop: LoopState, epoch: int, metrics: dict, val_time_s: float, recorder,
@@ -373,7 +441,7 @@ def _write_probes(t: Training, probes: list, epoch: int) -> None:
     try:
         from engine.probes import write_probes
 
-        write_probes(t.model, probes, t.run_dir, epoch, t.device, t.cfg.input.test_size)
+        write_probes(t.plain, probes, t.run_dir, epoch, t.device, t.cfg.input.test_size)
     except Exception as exc:
         log.warning("probe images for epoch %d not written: %s: %s", epoch, type(exc).__name__, exc)
 
@@ -418,6 +486,10 @@ def _log_banner(t: Training, loop: LoopState) -> None:
     log.info("Warmup: %g epochs (linear), then cosine to %g", cfg.schedule.warmup_epochs, cfg.schedule.min_lr)
     log.info("Batch size: %d, %d steps/epoch, %d steps in all; AMP: %s; grad clip: %s", cfg.train.batch_size,
              t.steps_per_epoch, t.total_steps, t.amp.label, cfg.train.grad_clip or "off")
+    if t.ctx.distributed:
+        log.info("Processes: %d (%s, %d per node), %d images per process and step; collective timeout %gs",
+                 t.ctx.world_size, t.ctx.backend, t.ctx.local_world_size,
+                 cfg.train.batch_size // t.ctx.world_size, t.ctx.timeout_s)
     log.info("Early Stopping Patience: %s", cfg.train.early_stopping_patience or "off")
     if loop.training_done:
         log.info("Training finished at epoch %d; evaluating the test split to complete the run", loop.next_epoch - 1)
@@ -442,6 +514,7 @@ def _stopped(t: Training, loop: LoopState, state: RunState) -> dict:
         return _result(t, loop, state, "stopped")
     where = f"step {loop.current_step} (epoch {loop.next_epoch})"
     path = _save(t, runs.LAST_CKPT, make_checkpoint(t, loop, loop.next_epoch - 1), state.main)
+    D.barrier(t.ctx)  # every rank leaves after last.pth is saved
     log.info("Stopped at %s: %s; saved %s", where, state.stop_reason(), path)
     log.info("Resume with: python -m engine train --resume %s --runs-dir %s", name, t.cfg.run.runs_dir)
     state.stopped(f"stopped at {where}; resume with --resume {name}")
@@ -469,22 +542,38 @@ def train(cfg: Config, run_name: Optional[str] = None, resume: bool = False, *,
 
     `stop_at_step` (tests, automation) acts as if SIGTERM arrived right after that global step.
     Raises EngineError for user-facing problems (after writing `failed` when the run folder is ours).
+    Under torchrun every process calls this: it joins the process group first (engine.distributed)
+    and leaves it at the end; world size 1 creates none.
     """
     cfg = copy.deepcopy(cfg)
-    name = validate_run_name(run_name or cfg.run.name or default_run_name(cfg.source))
+    ctx = D.init_from_env(cfg)
+    try:
+        return _train(cfg, ctx, run_name, resume, stop_at_step)
+    finally:
+        D.shutdown(ctx)
+
+
+def _train(cfg: Config, ctx: D.DistContext, run_name: Optional[str], resume: bool,
+           stop_at_step: Optional[int]) -> dict:
+    D.per_rank_batch_size(cfg.train.batch_size, ctx.world_size)  # a process count that does not divide it fails now
+    name = validate_run_name(D.shared_run_name(ctx, run_name or cfg.run.name,
+                                               lambda: default_run_name(cfg.source)))
     cfg.run.name = name
     run_dir = runs.run_path(cfg.run.runs_dir, name)
     ckpt_dir = Path(cfg.run.checkpoints_dir) / name
-    resume_from = _open_run(cfg, run_dir, ckpt_dir, resume)
-    handlers = _setup_logging(run_dir)
+    resume, resume_from = D.on_main_then_share(ctx, lambda: _open_run(cfg, run_dir, ckpt_dir, resume, ctx))
+    handlers = _setup_logging(run_dir, ctx)
     stop = StopSignals()
     stop.install()
-    state = RunState(run_dir, stop, stop_at_step=stop_at_step, main=is_main_process(),
-                     **initial_fields(name, ckpt_dir, cfg.train.epochs))
+    state = RunState(run_dir, stop, stop_at_step=stop_at_step, main=ctx.is_main, **_rank_tracking(run_dir, ctx),
+                     **{**initial_fields(name, ckpt_dir, cfg.train.epochs), **_launch_fields(ctx)})
     state.started(resume)
     log.info("%s run %s (pid %d) -> %s", "Resuming" if resume else "Starting", name, os.getpid(), run_dir)
+    if ctx.restart_count and ctx.is_main:
+        log.warning("Elastic restart %d of at most %d: %s", ctx.restart_count, ctx.max_restarts,
+                    f"resuming from {resume_from}" if resume_from else "starting over (no last.pth yet)")
     try:
-        return fit(cfg, run_dir, ckpt_dir, state, resume_from)
+        return fit(cfg, run_dir, ckpt_dir, state, resume_from, ctx)
     except KeyboardInterrupt:
         log.error("Interrupted (forced): progress since the last checkpoint is lost")
         state.interrupted()
@@ -494,27 +583,67 @@ def train(cfg: Config, run_name: Optional[str] = None, resume: bool = False, *,
         state.failed(str(exc))
         raise
     except BaseException as exc:
-        log.exception("Training failed: %s: %s", type(exc).__name__, exc)
-        state.failed(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip())
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()
+        if ctx.distributed and D.is_peer_failure(exc):
+            reason = _peer_failure_reason(run_dir, ctx, reason)
+            log.error("Training failed: %s", reason)
+        else:
+            log.exception("Training failed: %s: %s", type(exc).__name__, exc)
+        state.failed(reason)
         raise
     finally:
         stop.restore()
         _teardown_logging(handlers)
 
 
-def _open_run(cfg: Config, run_dir: Path, ckpt_dir: Path, resume: bool) -> Optional[Path]:
-    """Claim a new run folder (writing config.yaml), or check a resume; returns last.pth to resume from."""
+def _peer_failure_reason(run_dir: Path, ctx: D.DistContext, error: str, wait_s: float = 3.0) -> str:
+    """The failure of a collective, naming the ranks that are gone (their heartbeat files tell;
+    a dead worker may take a moment to be reaped by torchrun)."""
+    deadline = time.time() + wait_s
+    lost = D.describe_lost_ranks(run_dir, ctx)
+    while not lost and time.time() < deadline:
+        time.sleep(0.2)
+        lost = D.describe_lost_ranks(run_dir, ctx)
+    return f"{lost or 'another rank stopped answering'} ({error})"
+
+
+def _rank_tracking(run_dir: Path, ctx: D.DistContext) -> dict:
+    """RunState's per-rank heartbeat (several processes): this rank's file, and on rank 0 the table of all."""
+    if not ctx.distributed:
+        return {}
+    heartbeat = D.RankHeartbeat(run_dir, ctx)
+    heartbeat.beat(0, None, force=True)
+    return {"rank_heartbeat": heartbeat, "rank_table": (lambda: D.rank_table(run_dir)) if ctx.is_main else None}
+
+
+def _launch_fields(ctx: D.DistContext) -> dict:
+    """Status fields of a torchrun job: world size, restarts, and as pid/pgid the launcher's (torchrun's
+    agent), whose process group the dashboard's Stop signals (the agent forwards it to every worker)."""
+    if not ctx.distributed and ctx.launcher_pid is None:
+        return {}
+    fields = {**ctx.status_fields(), "worker_pid": os.getpid()}
+    if ctx.launcher_pid:
+        fields.update(pid=ctx.launcher_pid, pgid=fields["launcher_pgid"] or ctx.launcher_pid)
+    return fields
+
+
+def _open_run(cfg: Config, run_dir: Path, ckpt_dir: Path, resume: bool,
+              ctx: D.DistContext) -> tuple[bool, Optional[Path]]:
+    """(resume, last.pth to resume from): claim a new run folder (writing config.yaml), or check a
+    resume. Rank 0 runs this; an elastic restart resumes from last.pth when there is one."""
     checkpoint = None
+    if not resume and ctx.restart_count > 0 and (ckpt_dir / runs.LAST_CKPT).is_file():
+        resume = True
     if resume:
         try:
-            checkpoint = _resume_checkpoint(cfg.run.name, run_dir, ckpt_dir)
+            checkpoint = _resume_checkpoint(cfg.run.name, run_dir, ckpt_dir, ctx)
         except RunError as exc:
-            _settle_queued_status(run_dir, exc)
+            _settle_queued_status(run_dir, exc, ctx)
             raise
     else:
-        _claim_new_run(run_dir, ckpt_dir)
+        _claim_new_run(run_dir, ckpt_dir, ctx.run_id if ctx.restart_count > 0 else None)
         run_dir.mkdir(parents=True, exist_ok=True)
-        if is_main_process():
-            save_config(cfg, run_dir / runs.CONFIG_FILE)
+        save_config(cfg, run_dir / runs.CONFIG_FILE)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    return checkpoint
+    D.prune_heartbeats(run_dir, ctx.world_size)
+    return resume, checkpoint

@@ -143,6 +143,9 @@ def _new_run_form() -> None:
                                    key=f"nr_size_{k}", help="sets input.train_sizes=[size] and input.test_size=size")
             device_options = list(dict.fromkeys([defaults.device, *new_run.DEVICES]))
             device = st.selectbox("Device", device_options, key=f"nr_device_{k}")
+            nproc = st.number_input("Processes (GPUs) per run", 1, 1024, new_run.default_processes(),
+                                    key=f"nr_nproc_{k}", help="> 1 trains with torchrun (DDP), one process per GPU; "
+                                                              "the batch size is split over them")
             name = st.text_input("Run name", key="nr_name", help="letters, digits, '-', '_', '.'; must be new")
         submitted = st.form_submit_button("Start run", icon=":material/play_arrow:", type="primary")
     if not submitted:
@@ -155,6 +158,7 @@ def _new_run_form() -> None:
                                 batch_size=int(batch), lr=float(lr), image_size=int(size), device=device, name=name)
     try:
         name = new_run.check_name(name, runs_dir)
+        new_run.check_processes(int(nproc), int(batch))
         overrides = new_run.build_overrides(defaults, chosen)
         cfg_run = new_run.validate_launch(cfg_path, overrides)
     except ConfigError as exc:
@@ -172,7 +176,7 @@ def _new_run_form() -> None:
             cfg_path, name, overrides,
             data_root=root if chosen.data_root != defaults.data_root else None,
             device=device if device != defaults.device else None,
-            runs_dir=runs_dir, checkpoints_dir=checkpoints_dir)
+            runs_dir=runs_dir, checkpoints_dir=checkpoints_dir, nproc=int(nproc))
     except EngineError as exc:
         st.error(str(exc))
         return

@@ -195,3 +195,41 @@ def test_a_run_survives_a_dashboard_restart_and_stops_from_the_button(dash, serv
         time.sleep(0.5)
     assert not runs.pid_alive(pid)
     no_exception(dash)
+
+
+def test_stop_a_two_process_run_from_the_button(dash, server, e2e_dirs, shots):
+    """Processes per run = 2 in the form: torchrun with 2 gloo workers; Stop ends every process."""
+    name = "e2e-ddp"
+    goto(dash, server, "/", "Runs")
+    select_option(dash, "Config", "tiny_long_e2e.yaml")
+    dash.wait_for_function("() => document.querySelector('input[aria-label=\"Run name\"]')?.value.startsWith('tiny_long')")
+    procs = dash.get_by_role("spinbutton", name="Processes (GPUs) per run", exact=True)
+    procs.fill("2")
+    procs.press("Tab")
+    field = dash.get_by_role("textbox", name="Run name", exact=True)
+    field.fill(name)
+    field.press("Tab")
+    dash.get_by_role("button", name="Start run").click()
+    dash.get_by_text(f"Started {name}").first.wait_for(timeout=60_000)
+    run_dir = e2e_dirs["runs"] / name
+    end = time.time() + 240
+    while time.time() < end and not (runs.read_status(run_dir) or {}).get("global_step"):
+        time.sleep(1)
+    status = runs.read_status(run_dir)
+    assert status["world_size"] == 2 and status["pid"] == status["launcher_pid"]
+    workers = [r["pid"] for r in status.get("ranks") or []] or \
+        [runs.read_json(p)["pid"] for p in sorted((run_dir / "ranks").glob("rank-*.json"))]
+    assert len(workers) == 2
+    goto(dash, server, "/", "Runs")
+    select_option(dash, "Run", name)
+    assert wait_for_state(dash, name, ("running",), 60) == "running"
+    dash.get_by_role("button", name="Stop").click()
+    dash.get_by_text(f"Stop requested for {name}").first.wait_for(timeout=30_000)
+    assert wait_for_state(dash, name, ("stopped",), 180) == "stopped"
+    assert sorted(p.name for p in (e2e_dirs["checkpoints"] / name).iterdir()) in (["last.pth"],
+                                                                                 ["best.pth", "last.pth"])
+    deadline = time.time() + 60
+    while any(runs.pid_alive(p) for p in workers + [status["pid"]]) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not [p for p in workers + [status["pid"]] if runs.pid_alive(p)]
+    no_exception(dash)
