@@ -13,7 +13,7 @@ from typing import Optional
 
 from engine import runs
 
-RANKS_DIR = "ranks"  # engine.distributed.RANKS_DIR (kept here so the dashboard does not import torch)
+RANKS_DIR = runs.RANKS_DIR
 STALE_AFTER_S = 60.0  # a rank silent this long while the run is alive is flagged
 
 

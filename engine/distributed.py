@@ -39,8 +39,8 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from engine.errors import EngineError
+from engine.runs import RANKS_DIR  # <run_dir>/ranks/rank-N.json, one heartbeat file per rank
 
-RANKS_DIR = "ranks"  # <run_dir>/ranks/rank-N.json, one heartbeat file per rank
 HEARTBEAT_EVERY_S = 5.0
 CPU_BACKEND = "gloo"
 CUDA_BACKEND = "cpu:gloo,cuda:nccl"  # NCCL for gradients, gloo for CPU flags and objects

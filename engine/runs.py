@@ -62,6 +62,7 @@ SAMPLES_DIR = "samples"
 EVALUATE_LOG = "evaluate.log"  # a background evaluation's output
 EVALUATE_PID = "evaluate.pid"
 # runs/<run>/probes/
+RANKS_DIR = "ranks"  # ranks/rank-N.json: one heartbeat file per process of a torchrun job
 PROBES_DIR = "probes"
 PROBES_INDEX = "index.json"
 PROBES_EPOCH_DIR = "epoch_{epoch:03d}"  # .format(epoch=N)

@@ -5,7 +5,7 @@ from typing import Optional
 
 import streamlit as st
 
-from dashboard import formatting as fmt, live_figures, series, settings, ui
+from dashboard import formatting as fmt, live_figures, ranks, series, settings, ui
 from engine import runs
 
 runs_dir = settings.runs_dir()
@@ -86,6 +86,22 @@ def _header(t: series.RunTail) -> None:
         st.progress(h.progress, text=h.progress_text)
         if t.status.get("error"):
             st.error(t.status["error"])
+        _ranks(t, h.state)
+
+
+def _ranks(t: series.RunTail, state: str) -> None:
+    """Processes of a multi-process run: each rank's heartbeat, step, host and GPU memory; dead ranks first."""
+    world = ranks.world_size(t.status)
+    if world <= 1:
+        return
+    rows = ranks.rank_rows(t.run_dir, run_alive=state in runs.LIVE_STATES)
+    bad = ranks.problem_ranks(rows)
+    restarts = t.status.get("restart_count") or 0
+    label = f"{world} processes" + (f", {restarts} restart(s)" if restarts else "")
+    if bad:
+        st.warning(f"{label}: rank {', '.join(map(str, bad))} not heard from (dead or silent)")
+    with st.expander(label + (" — problem" if bad else ""), expanded=bool(bad)):
+        st.dataframe(rows, hide_index=True, width="stretch")
 
 
 def _chart(fig, key: str, empty: str) -> None:

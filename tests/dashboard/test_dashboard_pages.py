@@ -463,3 +463,21 @@ def test_first_start_generates_the_demo_dataset_once(dash_env, monkeypatch):
     stamp = (root / "train" / "_annotations.coco.json").stat().st_mtime
     app_test()
     assert (root / "train" / "_annotations.coco.json").stat().st_mtime == stamp
+
+
+def test_live_page_shows_the_processes_of_a_multi_process_run_and_flags_a_dead_rank(all_states):
+    from tests.dashboard.test_ranks import _beat, _dead_pid
+
+    run_dir = make_run(all_states["runs"], "ddp", state="running", epochs_done=1, epochs=5)
+    runs.StatusWriter(run_dir).update(world_size=2, restart_count=1)
+    now = time.time()
+    _beat(run_dir, 0, os.getpid(), now - 1, 4, mem=2048.0)
+    _beat(run_dir, 1, _dead_pid(), now - 2, 3)
+    at = app_test("views/live.py")
+    at.multiselect(key="live_runs").set_value(["ddp"]).run()
+    assert not at.exception
+    assert any("2 processes, 1 restart(s): rank 1 not heard from" in t for t in _texts(at, "warning"))
+    table = at.dataframe[0].value
+    assert table["rank"].tolist() == [0, 1] and table["state"].tolist() == ["ok", "dead"]
+    at.multiselect(key="live_runs").set_value(["done"]).run()  # a one-process run: no processes table
+    assert not at.exception and not at.dataframe and not _texts(at, "warning")
