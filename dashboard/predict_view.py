@@ -198,3 +198,32 @@ def remember(cache: dict, key, value, limit: int = MAX_PHOTOS):
     while len(cache) > limit:
         cache.pop(next(iter(cache)))
     return value
+
+
+def predict_via_service(url: str, token: Optional[str], photo: Photo) -> dict:
+    """The same prediction dict as predict_photo, from a running `python -m engine serve`.
+
+    The photo's original bytes are sent (the service decodes them itself, EXIF orientation applied)
+    with the lowest threshold the page's slider offers, so a slider move re-filters locally.
+    Failures raise dashboard.service_client.ServiceError with one line."""
+    from dashboard import service_client
+    from engine.predict import SCORE_FLOOR
+
+    answer = service_client.predict(url, [(photo.name, photo.data)], token=token or None, score_threshold=SCORE_FLOOR)
+    pred = service_client.as_prediction(answer["images"][0])
+    if (pred["width"], pred["height"]) != (photo.width, photo.height):
+        raise service_client.ServiceError(f"{url}: the service saw {photo.name} as {pred['width']}x{pred['height']}, "
+                                          f"not {photo.width}x{photo.height}")
+    return pred
+
+
+def service_caption(info: dict) -> str:
+    """One line on what a service has loaded (its GET /model answer)."""
+    size = info.get("input_size")
+    parts = [str(info.get("model") or "model ?"), f"{info.get('backend') or '?'} on {info.get('device') or '?'}"]
+    if size:
+        parts.append(f"{size} px")
+    if info.get("source"):
+        parts.append(f"from `{info['source']}`")
+    return " · ".join(parts)
+

@@ -18,6 +18,7 @@ from engine.export import compare_detections
 from engine.predict import Predictor, load_image
 from engine.serve import ServeError, ServeSettings, check_settings, is_loopback
 from tests.conftest import ROOT
+from tests.dashboard.conftest import dash_env  # noqa: F401  (a fixture: the Predict page test)
 from tests.test_export import train_demo_checkpoint
 from tests.test_predict import _png_header_only
 
@@ -247,3 +248,33 @@ def test_service_client_against_the_running_service(server, exposed_onnx_server,
         client.predict(closed, [("a.jpg", b"x")])
     with pytest.raises(client.ServiceError, match="expected http://host:port"):
         client.normalize_url("ftp://example.com")
+
+
+def test_predict_page_helpers_use_the_service_like_the_local_model(server, checkpoint, photos):
+    from dashboard import predict_view as pv, service_client as client
+
+    predictor = Predictor(str(checkpoint), device="cpu")
+    info = client.model_info(server.url)
+    assert "pytorch on cpu" in pv.service_caption(info) and str(checkpoint) in pv.service_caption(info)
+    data = photos[0].read_bytes()
+    photo = pv.decode_photo(data, photos[0].name, info["input_size"], info["max_size"])
+    remote = pv.predict_via_service(server.url, None, photo)
+    local = predictor.predict(load_image(data, photos[0].name))
+    assert (remote["width"], remote["height"]) == (photo.width, photo.height)
+    assert remote["scores"] == pytest.approx(local["scores"], abs=1e-4)  # every box above the slider's floor
+    assert np.allclose(remote["boxes"], local["boxes"], atol=0.05)
+    with pytest.raises(client.ServiceError, match="cannot connect"):
+        pv.predict_via_service(f"http://127.0.0.1:{_free_port()}", None, photo)
+
+
+def test_predict_page_in_service_mode(server, dash_env):
+    from tests.dashboard.conftest import app_test
+
+    at = app_test("views/predict.py")
+    at.radio(key="predict_source").set_value("Prediction service").run()
+    at.text_input(key="predict_service_url").set_value(f"127.0.0.1:{_free_port()}").run()
+    assert not at.exception
+    assert [e.value for e in at.error][0].endswith("cannot connect (ConnectError)")
+    at.text_input(key="predict_service_url").set_value(server.url).run()
+    assert not at.exception and not at.error
+    assert any("Service: fasterrcnn_mobilenet_v3_large_320_fpn" in c.value for c in at.caption)
