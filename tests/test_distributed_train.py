@@ -22,7 +22,7 @@ from engine import launch, runs
 from engine.config import load_config
 from engine.model import load_model_from_checkpoint
 
-from conftest import ROOT, TINY_RUN_SETTINGS, make_real_subset
+from tests.conftest import ROOT, TINY_RUN_SETTINGS, make_real_subset
 
 pytestmark = pytest.mark.slow
 
