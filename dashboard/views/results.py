@@ -245,10 +245,13 @@ def _baselines() -> None:
     else:
         ours = {"map50": val["map50"], "params": None, "fps": None,
                 "source": "best validation mAP (no test evaluation yet)"}
-    rows = rd.baseline_table(cfg_model, ours, rd.load_baselines(settings.baselines_file()))
+    baselines = rd.load_baselines(settings.baselines_file())
+    rows = rd.baseline_table(cfg_model, ours, baselines, rd.read_bench(run_dir))
     st.dataframe(pd.DataFrame(rows), hide_index=True, column_config={
         "mAP@0.5": st.column_config.NumberColumn(format="%.3f")})
-    if len(rows) == 1:
+    st.caption("FPS at batch 1. Rows marked measured were measured on the named device; the other rows are "
+               "quoted references, not measured here.")
+    if not baselines:
         st.caption(f"No reference rows: {settings.baselines_file()} is missing or empty.")
 
 
