@@ -150,11 +150,13 @@ def _job_panel() -> None:
 
 
 def _start_job(kind: str, **options) -> None:
+    """Start the job; the outcome is shown once beside the buttons (a refusal as one line)."""
     try:
         pid = jobs.start(kind, run, runs_dir, checkpoints_dir, **options)
-        ui.flash("success", f"{kind} started in the background (pid {pid}); its output appears below.")
+        st.session_state["_job_message"] = ("success", f"{kind} started in the background (pid {pid}); "
+                                                       "its output appears below.")
     except EngineError as exc:
-        ui.flash("error", str(exc))
+        st.session_state["_job_message"] = ("error", str(exc))
     st.rerun()
 
 
@@ -175,6 +177,9 @@ def _deploy() -> None:
             _start_job(jobs.BENCH, sizes=sizes, repeats=int(repeats))
     if not best_ckpt.is_file():
         st.caption(f"{best_ckpt} does not exist yet.")
+    kind, text = st.session_state.pop("_job_message", (None, None))
+    if text:
+        getattr(st, kind)(text)
     views = [jobs.view(run_dir, kind) for kind in jobs.KINDS]
     st.session_state["_jobs_running"] = any(v.running for v in views)
     st.fragment(_job_panel, run_every=jobs.refresh_every(views))()
@@ -186,7 +191,13 @@ def _deploy() -> None:
     if bench:
         rows, caption = bench
         st.markdown("**Last inference benchmark** (batch-1 latency, images/s at the best batch size)")
-        st.dataframe(pd.DataFrame(rows), hide_index=True)
+        frame = pd.DataFrame(rows)
+        if not frame["note"].astype(bool).any():
+            frame = frame.drop(columns="note")
+        st.dataframe(frame, hide_index=True, column_config={
+            **{c: st.column_config.NumberColumn(format="%.1f") for c in (
+                "batch-1 median ms", "batch-1 p90 ms", "FPS (batch 1)", "images/s (best batch)")},
+            "vs PyTorch fp32 CPU": st.column_config.NumberColumn(format="%.2fx")})
         st.caption(caption)
     else:
         st.caption(f"No benchmark yet ({runs.BENCH_FILE} in the run folder).")
