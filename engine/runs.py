@@ -10,9 +10,10 @@ evaluate, probes, the report) and readers (the dashboard) use these names.
                             samples.json samples/*.jpg evaluate.log evaluate.pid
                probes/      index.json epoch_NNN/<image id>.jpg
                report/      RESULTS.md img/*.png
-               bench.json   the last inference benchmark (engine/bench.py)
-               jobs/        <kind>.json <kind>.log <kind>.exit   background export / bench jobs
-    checkpoints/<run>/best.pth  last.pth  export/<stem>-<size>.onnx + .json (engine/export.py)
+    checkpoints/<run>/best.pth  last.pth
+    runs/<run>/bench.json  the last inference benchmark (engine/bench.py)
+    runs/<run>/jobs/       <kind>.json <kind>.log <kind>.exit   background export / bench jobs
+    checkpoints/<run>/export/<stem>-<size>.onnx + .json (engine/export.py)
 
 status.json   {"state", "run", "pid", "pgid", "host", "device", "device_name", "started_at",
                "updated_at", "ended_at", "epoch", "epochs", "step", "steps_per_epoch",
