@@ -113,7 +113,7 @@ def test_without_bench_json_the_speed_rows_are_the_test_ones(report):
     assert not (run_dir / runs.BENCH_FILE).exists()
     assert "Inference Benchmark" not in md and "measured: bench" not in md
     rows = table_rows(md)
-    assert rows["YOLOv5s"][2:] == ["~60", "quoted: quoted reference (results template), not measured here"]
+    assert rows["YOLOv5s"][2:] == ["~60", "quoted reference (results template), not measured here"]
     assert next(v for k, v in rows.items() if k.startswith("Ours"))[3].startswith("measured: test set, ")
 
 
@@ -142,4 +142,4 @@ def test_bench_json_fills_the_speed_rows_and_the_baselines_fps(tiny_real_run, tm
         assert ours[3] == f"measured: bench, cpu ({cpu}, {bench['machine']['cpu_cores']} cores)"
     assert "Inference Time" in rows  # the test-set rows stay
     assert format_table(bench) in md and f"--sizes 160 --repeats 2" in md
-    assert rows["FasterRCNN-ResNet50"][2:] == ["~15", "quoted: quoted reference (results template), not measured here"]
+    assert rows["FasterRCNN-ResNet50"][2:] == ["~15", "quoted reference (results template), not measured here"]
