@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from engine import report, runs
+from engine import bench_table, report, runs
+from engine.bench_table import read_bench  # noqa: F401  (the page's bench.json reader)
 from engine.formatting import params as params_text  # noqa: F401  (the page's parameter-count text)
 from engine.samples import sample_caption  # noqa: F401  (the page's sample captions)
 from engine.targets import TARGET_LABELS, TARGETS, load_baselines, met  # noqa: F401  (re-exported for the page)
@@ -136,12 +137,17 @@ def probe_images(run_dir: Path, epoch: int) -> list[tuple[Path, str]]:
 
 
 # ----------------------------------------------------------------------------- baselines, checkpoints
-def baseline_table(our_name: str, our: dict, baselines: list[dict]) -> list[dict]:
-    """Our measured row first, then the quoted references."""
+def baseline_table(our_name: str, our: dict, baselines: list[dict], bench: Optional[dict] = None) -> list[dict]:
+    """Our measured rows first (test set, then each backend of the run's bench.json), then the quoted references."""
     rows = [{"model": f"ours ({our_name})", "mAP@0.5": _num(our.get("map50")),
              "params": params_text(our.get("params")),
              "FPS": None if our.get("fps") is None else round(our["fps"], 1),
              "source": our.get("source", "measured")}]
+    for row in (bench or {}).get("rows", []):
+        if bench_table.measured(row):
+            rows.append({**rows[0], "model": f"ours, {row['backend']} {row['size']} px",
+                         "FPS": round(bench_table.fps_batch1(row), 1),
+                         "source": f"measured: bench, {row['device']} ({bench_table.machine_text(bench, row['device'])})"})
     for b in baselines:
         rows.append({"model": str(b.get("name", "?")), "mAP@0.5": _num(b.get("map50")),
                      "params": params_text(b.get("params")), "FPS": _num(b.get("fps")),

@@ -8,7 +8,7 @@ takes one image per call, so its throughput is at batch 1). Every row also carri
 relative to PyTorch fp32 on the CPU at the same size, measured in the same run.
 
 The table is written to `runs/<run>/bench.json` (BENCH_FILE, replaced atomically), the run being
-the one the checkpoint came from.
+the one the checkpoint came from. engine/bench_table.py reads it back and formats it (without torch).
 """
 from __future__ import annotations
 
@@ -22,10 +22,10 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from engine.bench_table import BENCH_FORMAT, format_table  # noqa: F401  (the CLI prints the table)
 from engine.errors import EngineError
+from engine.runs import BENCH_FILE
 
-BENCH_FILE = "bench.json"  # in the run folder; the lead moves this name into engine/runs.py
-BENCH_FORMAT = "plate-detector-bench/1"
 BENCH_IMAGE_SIZE = (640, 480)  # a VGA camera frame
 DEFAULT_SIZES = (320, 800)
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8)
@@ -196,17 +196,3 @@ def run_bench(checkpoint: PathLike, onnx: Optional[PathLike] = None, sizes="320,
               "repeats": repeats, "batch_sizes": batch_sizes, "machine": _machine(torch_device), "rows": rows}
     atomic_write_json(path, result)
     return {**result, "path": str(path)}
-
-
-def format_table(result: dict) -> str:
-    """The rows as a Markdown table (printed by the CLI, pasted into docs)."""
-    lines = ["| input | backend | device | batch-1 median ms | batch-1 p90 ms | images/s (best batch) | "
-             "speed vs PyTorch fp32 CPU |", "|---|---|---|---:|---:|---:|---:|"]
-    for row in result["rows"]:
-        if "latency_ms_median" not in row:
-            lines.append(f"| {row['size']} | {row['backend']} | {row['device']} | — | — | — | {row.get('note', '')} |")
-            continue
-        lines.append(f"| {row['size']} | {row['backend']} | {row['device']} | {row['latency_ms_median']:.1f} | "
-                     f"{row['latency_ms_p90']:.1f} | {row['images_per_s']:.1f} (batch {row['best_batch']}) | "
-                     f"{row['speedup_vs_pytorch_cpu']:.2f}x |")
-    return "\n".join(lines)

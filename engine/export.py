@@ -34,12 +34,12 @@ import torch
 from PIL import Image
 
 from engine.errors import EngineError
+from engine.runs import EXPORT_DIR
 from engine.predict import SCORE_FLOOR, ImageError, image_to_tensor, infer, load_image
 
 EXPORT_FORMATS = ("onnx",)
 META_FORMAT = "plate-detector-onnx/1"
 OPSET = 17
-EXPORT_DIR = "export"  # default output folder, beside the checkpoint
 BOX_TOLERANCE_PX = 1.0  # max |coordinate difference| between matched ONNX Runtime and PyTorch boxes
 SCORE_TOLERANCE = 1e-3  # max |score difference| between matched boxes
 VERIFY_TOP_K = 20  # besides every box above the threshold, the K best boxes are compared

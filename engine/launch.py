@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -37,8 +38,11 @@ def _abs(path: PathLike) -> Path:
     return path if path.is_absolute() else (Path.cwd() / path)
 
 
-def _spawn(args: Sequence[str], log_path: Path) -> subprocess.Popen:
+def _spawn(args: Sequence[str], log_path: Path, wrapper: Sequence[str] = ()) -> subprocess.Popen:
     """`python -m engine <args>` in a new session, output appended to log_path.
+
+    `wrapper` (e.g. ["/bin/sh", "-c", script]) is put in front of the command, which a shell
+    script gets as "$0" "$@".
 
     A daemon thread waits on the child so it never lingers as a zombie of this process; if
     this process exits first, the child is re-parented and keeps running.
@@ -47,7 +51,7 @@ def _spawn(args: Sequence[str], log_path: Path) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "engine", *args],
+            [*wrapper, sys.executable, "-m", "engine", *args],
             cwd=str(PROJECT_ROOT), env=env, stdin=subprocess.DEVNULL, stdout=log,
             stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
         )
@@ -212,3 +216,85 @@ def start_evaluate(run_name: str, runs_dir: PathLike = "runs", checkpoints_dir: 
     proc = _spawn(args, out / EVALUATE_LOG)
     runs.atomic_write_text(out / EVALUATE_PID, f"{proc.pid}\n")
     return proc.pid
+
+
+# ----------------------------------------------------------------------------- background jobs (export, bench)
+def _job_paths(job_dir: Path, kind: str) -> dict[str, Path]:
+    return {"state": job_dir / runs.JOB_STATE.format(kind=kind), "log": job_dir / runs.JOB_LOG.format(kind=kind),
+            "exit": job_dir / runs.JOB_EXIT.format(kind=kind), "lock": job_dir / f".{kind}.lock"}
+
+
+def _last_error_line(log_path: Path) -> Optional[str]:
+    """The CLI's `error: ...` line (the last one), else the log's last non-empty line."""
+    lines = [ln.strip() for ln in runs.tail_text(log_path, max_lines=400).splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error: ")]
+    if errors:
+        return errors[-1][len("error: "):]
+    return lines[-1] if lines else None
+
+
+def job_status(job_dir: PathLike, kind: str) -> Optional[dict]:
+    """The last `kind` job in job_dir: its state file plus `state` (running, done, failed) and `error`.
+
+    The truth is <kind>.exit (written by the wrapper shell when the command ends): 0 -> done, other
+    -> failed with the log's `error:` line. No exit file and the pid gone -> failed (killed).
+    None when no such job was ever started.
+    """
+    paths = _job_paths(Path(job_dir), kind)
+    info = runs.read_json(paths["state"])
+    if not isinstance(info, dict):
+        return None
+    info = {**info, "log_path": paths["log"], "error": None}
+    try:
+        code: Optional[int] = int(paths["exit"].read_text().strip())
+    except (OSError, ValueError):
+        code = None
+    if code is None and _live_pid(info):
+        return {**info, "state": "running"}
+    if code == 0:
+        return {**info, "state": "done", "exit_code": 0}
+    if code is None:
+        error = "the process ended without an exit status (killed?)"
+    else:
+        error = _last_error_line(paths["log"]) or f"exit status {code}"
+    return {**info, "state": "failed", "exit_code": code, "error": error}
+
+
+def start_job(job_dir: PathLike, kind: str, args: Sequence[str]) -> int:
+    """Run `python -m engine <args>` detached as the `kind` job of job_dir; returns its pid.
+
+    One job per kind at a time (LaunchError while one runs, even for two clicks at once: an
+    O_EXCL lock file covers check and spawn). The log starts empty; a wrapper shell writes the
+    command's exit status to <kind>.exit (tmp + rename) when it ends.
+    """
+    job_dir = _abs(job_dir)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    paths = _job_paths(job_dir, kind)
+    try:
+        fd = os.open(paths["lock"], os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        if time.time() - paths["lock"].stat().st_mtime < 30:
+            raise LaunchError(f"a {kind} job is being started already") from None
+        os.unlink(paths["lock"])  # left behind by a launcher that died
+        fd = os.open(paths["lock"], os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    os.close(fd)
+    try:
+        current = job_status(job_dir, kind)
+        if current and current["state"] == "running":
+            raise LaunchError(f"a {kind} job is already running (pid {current['pid']}); wait for it to end")
+        for stale in (paths["exit"], paths["state"]):
+            stale.unlink(missing_ok=True)
+        paths["log"].write_bytes(b"")
+        exit_tmp = paths["exit"].with_name(paths["exit"].name + ".tmp")
+        tmp, final = shlex.quote(str(exit_tmp)), shlex.quote(str(paths["exit"]))
+        script = f'"$0" "$@"; echo $? > {tmp} && mv {tmp} {final}'
+        try:
+            proc = _spawn(args, paths["log"], wrapper=["/bin/sh", "-c", script])
+        except OSError as exc:
+            raise LaunchError(f"cannot start the {kind} job ({exc})") from None
+        runs.atomic_write_json(paths["state"], {"kind": kind, "pid": proc.pid, "host": runs.hostname(),
+                                                "command": ["python", "-m", "engine", *args],
+                                                "started_at": time.time()})
+        return proc.pid
+    finally:
+        paths["lock"].unlink(missing_ok=True)

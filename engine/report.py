@@ -1,7 +1,7 @@
 """RESULTS.md for one run, in the structure of the results template, filled from the run's files.
 
 Every number comes from a file of the run (status.json, config.yaml, dataset.json,
-metrics.jsonl, test/metrics.json, test/samples.json, train.log, checkpoints). What a run cannot
+metrics.jsonl, test/metrics.json, test/samples.json, bench.json, train.log, checkpoints). What a run cannot
 know (what worked, lessons, contact when the config has none) becomes a marked prompt for the
 user, never invented text.
 
@@ -18,7 +18,7 @@ import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
-from engine import formatting as fmt, runs
+from engine import bench_table, formatting as fmt, runs
 from engine.config import validate_run_name
 from engine.errors import EngineError
 from engine.samples import sample_caption
@@ -120,6 +120,7 @@ def gather(run: str, runs_dir: str = "runs", checkpoints_dir: str = "checkpoints
         "test": test if isinstance(test, dict) else None,
         "test_dir": test_dir,
         "samples": samples if isinstance(samples, dict) else None,
+        "bench": bench_table.read_bench(run_dir),
         "checkpoints": {
             name: _size_mb(ckpt_dir / name) for name in (runs.BEST_CKPT, runs.LAST_CKPT)
         },
@@ -389,6 +390,36 @@ def _test_rows(test: dict) -> list[list[str]]:
     ]
 
 
+def _bench_command(bench: dict) -> str:
+    sizes = ",".join(dict.fromkeys(str(r["size"]) for r in bench["rows"]))
+    return f"python -m engine bench --checkpoint {bench.get('checkpoint')} --sizes {sizes} --repeats {bench.get('repeats')}"
+
+
+def _bench_rows(bench: dict) -> list[list[str]]:
+    """The speed rows from bench.json: batch-1 latency and FPS of each measured backend and size."""
+    rows = []
+    for row in bench["rows"]:
+        label = f"**Inference {row['size']} px, {row['backend']} ({row['device']})**"
+        if not bench_table.measured(row):
+            rows.append([label, f"not measured: {row.get('note', '')}"])
+            continue
+        rows.append([label, f"{row['latency_ms_median']:.1f} ms/image median, p90 {row['latency_ms_p90']:.1f} "
+                            f"(batch 1); {bench_table.fps_batch1(row):.1f} FPS; {row['images_per_s']:.1f} images/s at "
+                            f"batch {row['best_batch']}; {bench_table.machine_text(bench, row['device'])}"])
+    return rows
+
+
+def _bench(info: dict) -> list[str]:
+    """The inference benchmark table (bench.json), or nothing when the run has none."""
+    bench = info["bench"]
+    if not bench:
+        return []
+    return ["\n### Inference Benchmark\n",
+            f"Measured {bench.get('created', '')} with `{_bench_command(bench)}` on {bench.get('image')} "
+            f"images ({bench_table.machine_text(bench)}; resize, model and post-processing, no JPEG decoding).\n",
+            _table(["Metric", "Value"], _bench_rows(bench)), "", bench_table.format_table(bench)]
+
+
 def _test(info: dict, images: dict, img_dir: str) -> list[str]:
     test = info["test"] or {}
     split = test.get("split", "test")
@@ -400,7 +431,7 @@ def _test(info: dict, images: dict, img_dir: str) -> list[str]:
            "```\n", "### Results\n"]
     if not test:
         return out + [f"{PROMPT} this run has no test evaluation yet: run the command above, then "
-                      f"`python -m engine report --run {info['run']}` again."]
+                      f"`python -m engine report --run {info['run']}` again."] + _bench(info)
     out.append(_table(["Metric", "Value"], _test_rows(test)))
     bf = test.get("best_f1") or {}
     if bf:
@@ -409,7 +440,7 @@ def _test(info: dict, images: dict, img_dir: str) -> list[str]:
                    f"(TP {bf.get('tp')}, FP {bf.get('fp')}, FN {bf.get('fn')}).")
     if "pr" in images:
         out.append(f"\n![Precision-recall curve]({img_dir}/{images['pr']})")
-    return out
+    return out + _bench(info)
 
 
 def _samples(info: dict, images: dict, img_dir: str) -> list[str]:
@@ -484,18 +515,34 @@ def _log_excerpt(info: dict, images: dict) -> list[str]:
             "```"]
 
 
+def _quoted(source: Optional[str]) -> str:
+    """A baseline's source, always saying it is quoted."""
+    source = str(source or "").strip()
+    return source if source.lower().startswith("quoted") else f"quoted: {source or 'reference'}"
+
+
 def _baselines(info: dict, images: dict) -> list[str]:
-    test, best = info["test"] or {}, info["best_epoch"] or {}
+    test, best, bench = info["test"] or {}, info["best_epoch"] or {}, info["bench"]
     fps = (test.get("speed") or {}).get("fps_batch1")
-    speed = f"{fps:.1f} (measured, {test.get('device_name') or test.get('device')})" if fps else "—"
-    rows = [[f"**Ours ({_cfg(info, 'model').get('name')})**", fmt.number(test.get("map50") if test else best.get("val_map50")),
-             fmt.params(test.get("params")), speed]]
-    rows += [[b.get("name", "?"), f"~{b.get('map50')}", fmt.params(b.get("params")), f"~{b.get('fps')}"]
-             for b in load_baselines()]
-    return ["## 🏆 Comparison with Baselines\n", _table(["Model", "mAP@0.5", "Params", "Speed (FPS)"], rows),
+    map50 = fmt.number(test.get("map50") if test else best.get("val_map50"))
+    params = fmt.params(test.get("params"))
+    rows = [[f"**Ours ({_cfg(info, 'model').get('name')})**", map50, params, f"{fps:.1f}" if fps else "—",
+             f"measured: test set, {test.get('device_name') or test.get('device')}" if fps
+             else "measured: best validation mAP (no test evaluation)"]]
+    for row in (bench or {}).get("rows", []):
+        if bench_table.measured(row):
+            rows.append([f"Ours, {row['backend']} {row['size']} px", map50, params,
+                         f"{bench_table.fps_batch1(row):.1f}",
+                         f"measured: bench, {row['device']} ({bench_table.machine_text(bench, row['device'])})"])
+    rows += [[b.get("name", "?"), f"~{b.get('map50')}", fmt.params(b.get("params")), f"~{b.get('fps')}",
+              _quoted(b.get("source"))] for b in load_baselines()]
+    bench_note = (" Bench rows are `python -m engine bench` (bench.json) on a synthetic "
+                  f"{bench.get('image', '').replace('synthetic ', '')} frame." if bench else "")
+    return ["## 🏆 Comparison with Baselines\n",
+            _table(["Model", "mAP@0.5", "Params", "Speed (FPS)", "Source"], rows),
             f"\nOur mAP@0.5 is {'test-set' if test else 'best validation'}; parameters are counted from the model, "
-            "FPS is measured at batch 1. Baseline rows are quoted references from `configs/baselines.yaml`, "
-            "not measured here."]
+            "our FPS is measured at batch 1 on the device named in its row." + bench_note + " Baseline rows are "
+            "quoted references from `configs/baselines.yaml`, not measured here, on unknown hardware."]
 
 
 def _contact(info: dict, images: dict) -> list[str]:

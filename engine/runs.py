@@ -12,6 +12,9 @@ evaluate, probes, the report) and readers (the dashboard) use these names.
                report/      RESULTS.md img/*.png
                ranks/       rank-N.json (several processes: each rank's heartbeat)
     checkpoints/<run>/best.pth  last.pth
+    runs/<run>/bench.json  the last inference benchmark (engine/bench.py)
+    runs/<run>/jobs/       <kind>.json <kind>.log <kind>.exit   background export / bench jobs
+    checkpoints/<run>/export/<stem>-<size>.onnx + .json (engine/export.py)
 
 status.json   {"state", "run", "pid", "pgid", "host", "device", "device_name", "started_at",
                "updated_at", "ended_at", "epoch", "epochs", "step", "steps_per_epoch",
@@ -70,9 +73,16 @@ PROBES_EPOCH_DIR = "epoch_{epoch:03d}"  # .format(epoch=N)
 REPORT_DIR = "report"
 REPORT_FILE = "RESULTS.md"
 REPORT_IMG_DIR = "img"
+BENCH_FILE = "bench.json"  # the last `python -m engine bench` table, replaced atomically
+# runs/<run>/jobs/: background jobs started by the dashboard (engine/launch.py start_job)
+JOBS_DIR = "jobs"
+JOB_STATE = "{kind}.json"  # .format(kind=...): command, pid, host, started_at (written after the spawn)
+JOB_LOG = "{kind}.log"  # the job's stdout and stderr
+JOB_EXIT = "{kind}.exit"  # the exit status, written when the process ends: its presence means it ended
 # checkpoints/<run>/
 BEST_CKPT = "best.pth"
 LAST_CKPT = "last.pth"
+EXPORT_DIR = "export"  # `python -m engine export` output folder, beside the checkpoint
 
 LIVE_STATES = ("queued", "running")
 END_STATES = ("completed", "stopped", "failed")

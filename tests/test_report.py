@@ -106,3 +106,40 @@ def test_unknown_run_is_one_clear_error(tmp_path):
 
     with pytest.raises(EngineError, match="run 'nope' not found"):
         write_report("nope", runs_dir=str(tmp_path))
+
+
+def test_without_bench_json_the_speed_rows_are_the_test_ones(report):
+    _, md, run_dir, _ = report
+    assert not (run_dir / runs.BENCH_FILE).exists()
+    assert "Inference Benchmark" not in md and "measured: bench" not in md
+    rows = table_rows(md)
+    assert rows["YOLOv5s"][2:] == ["~60", "quoted reference (results template), not measured here"]
+    assert next(v for k, v in rows.items() if k.startswith("Ours"))[3].startswith("measured: test set, ")
+
+
+def test_bench_json_fills_the_speed_rows_and_the_baselines_fps(tiny_real_run, tmp_path):
+    """The real benchmark (2 timed calls) on the run's best.pth, written into a copy of the run folder."""
+    import shutil
+
+    from engine.bench import format_table, run_bench
+
+    runs_dir, ckpt_dir, name = tiny_real_run
+    shutil.copytree(runs_dir / name, tmp_path / "runs" / name)
+    bench = run_bench(ckpt_dir / name / runs.BEST_CKPT, sizes="160", repeats=2, batch_sizes="1,2",
+                      out=tmp_path / "runs" / name / runs.BENCH_FILE)
+    md = write_report(name, runs_dir=str(tmp_path / "runs"), checkpoints_dir=str(ckpt_dir),
+                      out=str(tmp_path / "report")).read_text(encoding="utf-8")
+    rows = table_rows(md)
+    cpu = bench["machine"]["cpu"]
+    torch_row, ort_row = bench["rows"]
+    assert torch_row["backend"] == "pytorch fp32" and ort_row["backend"] == "onnxruntime"
+    for row in bench["rows"]:  # a speed row per backend, numbers from bench.json
+        cells = rows[f"Inference 160 px, {row['backend']} (cpu)"]
+        assert cells[0].startswith(f"{row['latency_ms_median']:.1f} ms/image median, p90 {row['latency_ms_p90']:.1f}")
+        assert f"{1000 / row['latency_ms_median']:.1f} FPS" in cells[0] and cpu in cells[0]
+        ours = rows[f"Ours, {row['backend']} 160 px"]  # next to the quoted baselines
+        assert ours[2] == f"{1000 / row['latency_ms_median']:.1f}"
+        assert ours[3] == f"measured: bench, cpu ({cpu}, {bench['machine']['cpu_cores']} cores)"
+    assert "Inference Time" in rows  # the test-set rows stay
+    assert format_table(bench) in md and f"--sizes 160 --repeats 2" in md
+    assert rows["FasterRCNN-ResNet50"][2:] == ["~15", "quoted reference (results template), not measured here"]

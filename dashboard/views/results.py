@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from dashboard import charts, formatting as fmt, results_data as rd, series, settings, ui
+from dashboard import charts, formatting as fmt, jobs, results_data as rd, series, settings, ui
 from engine import launch, runs
 from engine.errors import EngineError
 
@@ -133,6 +133,76 @@ def _test() -> None:
                                key="res_prf", config=PLOT_CONFIG)
 
 
+def _job_panel() -> None:
+    """Each job's state, one-line error and log tail; polls only while a job is alive."""
+    views = [jobs.view(run_dir, kind) for kind in jobs.KINDS]
+    for v in views:
+        if v.state == "none":
+            continue
+        show = {"running": st.info, "done": st.success, "failed": st.error}[v.state]
+        show(v.headline + (f"\n\n**Error:** {v.error}" if v.error else ""))
+        if v.log:
+            st.code(v.log, language=None, wrap_lines=True)
+    was_running = st.session_state.get("_jobs_running", False)
+    st.session_state["_jobs_running"] = any(v.running for v in views)
+    if was_running and not st.session_state["_jobs_running"]:
+        st.rerun()  # a job ended: redraw the whole page (bench table, exports, buttons)
+
+
+def _start_job(kind: str, **options) -> None:
+    """Start the job; the outcome is shown once beside the buttons (a refusal as one line)."""
+    try:
+        pid = jobs.start(kind, run, runs_dir, checkpoints_dir, **options)
+        st.session_state["_job_message"] = ("success", f"{kind} started in the background (pid {pid}); "
+                                                       "its output appears below.")
+    except EngineError as exc:
+        st.session_state["_job_message"] = ("error", str(exc))
+    st.rerun()
+
+
+def _deploy() -> None:
+    st.subheader("Export and inference benchmark")
+    best_ckpt = runs.checkpoint_path(checkpoints_dir, run, "best")
+    st.caption(f"Runs `python -m engine export` / `python -m engine bench` on `{best_ckpt}` in the background.")
+    c1, c2 = st.columns(2)
+    with c1:
+        size = st.number_input("Export input size (px, 0 = the run's test size)", 0, 4096, 0, 32, key="export_size")
+        if st.button("Export to ONNX", icon=":material/output:", key="btn_export", disabled=not best_ckpt.is_file()):
+            _start_job(jobs.EXPORT, size=int(size) or None)
+    with c2:
+        sizes = st.multiselect("Benchmark input sizes", jobs.BENCH_SIZES, default=list(jobs.BENCH_SIZES),
+                               key="bench_sizes")
+        repeats = st.number_input("Timed calls per measurement", 1, 1000, jobs.DEFAULT_REPEATS, key="bench_repeats")
+        if st.button("Benchmark inference", icon=":material/speed:", key="btn_bench", disabled=not best_ckpt.is_file()):
+            _start_job(jobs.BENCH, sizes=sizes, repeats=int(repeats))
+    if not best_ckpt.is_file():
+        st.caption(f"{best_ckpt} does not exist yet.")
+    kind, text = st.session_state.pop("_job_message", (None, None))
+    if text:
+        getattr(st, kind)(text)
+    views = [jobs.view(run_dir, kind) for kind in jobs.KINDS]
+    st.session_state["_jobs_running"] = any(v.running for v in views)
+    st.fragment(_job_panel, run_every=jobs.refresh_every(views))()
+    exported = jobs.exports(checkpoints_dir, run)
+    if exported:
+        st.markdown("**Exported models**")
+        st.dataframe(pd.DataFrame(exported), hide_index=True)
+    bench = jobs.bench(run_dir)
+    if bench:
+        rows, caption = bench
+        st.markdown("**Last inference benchmark** (batch-1 latency, images/s at the best batch size)")
+        frame = pd.DataFrame(rows)
+        if not frame["note"].astype(bool).any():
+            frame = frame.drop(columns="note")
+        st.dataframe(frame, hide_index=True, column_config={
+            **{c: st.column_config.NumberColumn(format="%.1f") for c in (
+                "batch-1 median ms", "batch-1 p90 ms", "FPS (batch 1)", "images/s (best batch)")},
+            "vs PyTorch fp32 CPU": st.column_config.NumberColumn(format="%.2fx")})
+        st.caption(caption)
+    else:
+        st.caption(f"No benchmark yet ({runs.BENCH_FILE} in the run folder).")
+
+
 def _epochs() -> None:
     st.subheader("Per epoch")
     if not epochs:
@@ -186,10 +256,13 @@ def _baselines() -> None:
     else:
         ours = {"map50": val["map50"], "params": None, "fps": None,
                 "source": "best validation mAP (no test evaluation yet)"}
-    rows = rd.baseline_table(cfg_model, ours, rd.load_baselines(settings.baselines_file()))
+    baselines = rd.load_baselines(settings.baselines_file())
+    rows = rd.baseline_table(cfg_model, ours, baselines, rd.read_bench(run_dir))
     st.dataframe(pd.DataFrame(rows), hide_index=True, column_config={
         "mAP@0.5": st.column_config.NumberColumn(format="%.3f")})
-    if len(rows) == 1:
+    st.caption("FPS at batch 1. Rows marked measured were measured on the named device; the other rows are "
+               "quoted references, not measured here.")
+    if not baselines:
         st.caption(f"No reference rows: {settings.baselines_file()} is missing or empty.")
 
 
@@ -247,5 +320,6 @@ def _report() -> None:
             st.markdown(built.markdown)
 
 
-for section in (_validation, _test, _compare, _epochs, _samples, _probes, _baselines, _checkpoints, _log, _report):
+for section in (_validation, _test, _compare, _epochs, _samples, _probes, _deploy, _baselines, _checkpoints, _log,
+                _report):
     ui.safe(section)
