@@ -156,9 +156,15 @@ def _new_run_form() -> None:
         return
     chosen = new_run.FormValues(data_root=data_root.strip(), model=model, weights=weight, epochs=int(epochs),
                                 batch_size=int(batch), lr=float(lr), image_size=int(size), device=device, name=name)
+    _launch(cfg_path, defaults, chosen, int(nproc))
+
+
+def _launch(cfg_path, defaults: new_run.FormValues, chosen: new_run.FormValues, nproc: int) -> None:
+    """Check the form's values and the dataset, then start the run detached (or show one error line)."""
+    name, device = chosen.name, chosen.device
     try:
         name = new_run.check_name(name, runs_dir)
-        new_run.check_processes(int(nproc), int(batch))
+        new_run.check_processes(nproc, chosen.batch_size)
         overrides = new_run.build_overrides(defaults, chosen)
         cfg_run = new_run.validate_launch(cfg_path, overrides)
     except ConfigError as exc:
@@ -176,7 +182,7 @@ def _new_run_form() -> None:
             cfg_path, name, overrides,
             data_root=root if chosen.data_root != defaults.data_root else None,
             device=device if device != defaults.device else None,
-            runs_dir=runs_dir, checkpoints_dir=checkpoints_dir, nproc=int(nproc))
+            runs_dir=runs_dir, checkpoints_dir=checkpoints_dir, nproc=nproc)
     except EngineError as exc:
         st.error(str(exc))
         return
