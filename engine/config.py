@@ -350,3 +350,27 @@ def validate_run_name(name: str) -> str:
     if not isinstance(name, str) or not RUN_NAME_RE.fullmatch(name) or name in (".", ".."):
         raise ConfigError(f"run name {name!r}: use letters, digits, '-', '_', '.' only")
     return name
+
+
+# ----------------------------------------------------------------------------- paths
+WEIGHT_NAMES = ("coco", "none")  # model.weights values that are not paths
+
+
+def resolve_paths(cfg: Config, also_under: Optional[Path] = None) -> Config:
+    """Make data.root, run.checkpoints_dir and a model.weights path absolute (in place), so the
+    config.yaml a run saves still finds them from another working directory (--resume, the
+    dashboard). A relative path is taken from the working directory; when it does not exist
+    there but does under `also_under` (the project folder of an older run's runs/), from there."""
+    def absolute(value: str) -> str:
+        path = Path(value).expanduser()
+        if path.is_absolute():
+            return str(path)
+        if not path.exists() and also_under is not None and (also_under / path).exists():
+            return str((also_under / path).resolve())
+        return str(path.resolve())
+
+    cfg.data.root = absolute(cfg.data.root)
+    cfg.run.checkpoints_dir = absolute(cfg.run.checkpoints_dir)
+    if cfg.model.weights and cfg.model.weights.lower() not in WEIGHT_NAMES:
+        cfg.model.weights = absolute(cfg.model.weights)
+    return cfg

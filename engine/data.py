@@ -368,3 +368,14 @@ def to_coco_gt(split_or_records: Union[CocoSplit, Iterable[ImageRecord]]) -> dic
                                 "iscrowd": 0})
     return {"images": images, "annotations": annotations,
             "categories": [{"id": PLATE_LABEL, "name": "license_plate"}]}
+
+
+def shut_down_loader_iterator(iterator) -> None:
+    """End the worker processes of a DataLoader iterator now (a no-op without workers).
+
+    Called in a `finally` by the loops: an iterator kept alive by an exception's traceback would
+    otherwise keep its workers (which ignore SIGTERM) and their SIGCHLD watch until the process
+    exits, where multiprocessing waits for them."""
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
