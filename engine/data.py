@@ -31,6 +31,7 @@ from torchvision.transforms import v2
 
 from engine.config import AugmentConfig
 from engine.errors import EngineError
+from engine.faults import fault_point
 
 ANNOTATIONS_FILE = "_annotations.coco.json"
 SPLITS = ("train", "valid", "test")
@@ -330,6 +331,7 @@ class PlateDataset(torch.utils.data.Dataset):
         """Any failure (decode, transform, out of memory) is a DatasetError naming the image, so a
         DataLoader worker's error reaches the user as one line."""
         record = self.records[index]
+        fault_point("train-image" if self.train else "eval-image")
         try:
             image = read_image(record.path)
         except Exception as exc:

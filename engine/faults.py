@@ -9,8 +9,11 @@ The points (where `fault_point(name)` is called):
     epoch-record      the epoch record is in metrics.jsonl, last.pth of that epoch not yet written
     checkpoint-write  a checkpoint's temp file is written, not yet renamed over last.pth / best.pth
     test-eval         before an image of the final test evaluation
+    train-image       a training image is about to be loaded (in a DataLoader worker: kills the worker)
+    eval-image        a validation / test image is about to be loaded (idem)
 
-Without the variable `fault_point` is one dict lookup. The count is per process: a resumed
+Without the variable `fault_point` is one dict lookup. The count is per process (a DataLoader worker counts
+from what its parent had counted when it was forked): a resumed
 process starts counting from 1 again (and a harness normally unsets the variable to resume).
 """
 from __future__ import annotations
@@ -19,7 +22,7 @@ import os
 import signal
 
 ENV = "ENGINE_FAULT_POINT"
-POINTS = ("start", "step", "validation", "epoch-record", "checkpoint-write", "test-eval")
+POINTS = ("start", "step", "validation", "epoch-record", "checkpoint-write", "test-eval", "train-image", "eval-image")
 
 _hits: dict[str, int] = {}
 

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from engine import runs
 from engine.checkpoint import load_checkpoint
@@ -77,7 +80,6 @@ def assert_every_file_parses(run_dir: Path, ckpt_dir: Path) -> None:
 
 
 CASES = {  # fault point -> what the kill interrupts
-    "start:1": "status says running, nothing built",
     "step:1": "the first optimizer step, before any checkpoint",
     "step:3": "the first step of epoch 2",
     "validation:2": "epoch 2's validation",
@@ -112,3 +114,124 @@ def test_a_run_killed_at_a_fault_point_resumes_to_the_uninterrupted_result(fault
     final = load_checkpoint(ckpt_dir / runs.LAST_CKPT)["model"]
     different = [k for k in reference if not torch.equal(reference[k], final[k])]
     assert not different, f"{len(different)} tensors differ from the uninterrupted run, e.g. {different[:3]}"
+
+
+def test_killed_before_its_first_checkpoint_resumes_from_step_0_from_another_directory(data, tmp_path):
+    """Started in a project folder with a relative data.root; killed right after start (no
+    checkpoint yet); `--resume` from the repository folder starts over with the saved config."""
+    proj = tmp_path / "proj"
+    shutil.copytree(data, proj / "data")
+    settings = [s for s in _settings(Path("data"), Path("checkpoints")) if not s.startswith("train.epochs")]
+    args = ["--config", str(ROOT / "configs" / "demo_cpu.yaml"), "--run", "early", "--runs-dir", "runs",
+            "--set", "train.epochs=1"] + [x for s in settings for x in ("--set", s)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "ENGINE_FAULT_POINT": "start:1"}
+    r = subprocess.run([sys.executable, "-m", "engine", "train", *args], cwd=proj, env=env, capture_output=True,
+                       text=True, timeout=240)
+    assert r.returncode == -9, r.stderr[-2000:]
+    saved = yaml.safe_load((proj / "runs" / "early" / runs.CONFIG_FILE).read_text())
+    assert saved["data"]["root"] == str(proj / "data") and saved["run"]["checkpoints_dir"] == str(proj / "checkpoints")
+    assert runs.effective_state(runs.read_status(proj / "runs" / "early")) == "crashed"
+    r = _train(["--resume", "early", "--runs-dir", str(proj / "runs")])  # cwd: the repository
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert runs.read_status(proj / "runs" / "early")["state"] == "completed"
+    assert [e["epoch"] for e in runs.read_metrics(proj / "runs" / "early")[1]] == [1]
+    assert load_checkpoint(proj / "checkpoints" / "early" / runs.LAST_CKPT)["global_step"] == 2
+
+
+def test_a_killed_validation_worker_fails_the_run_with_one_line(data, tmp_path):
+    """The validation loader's worker is SIGKILLed at its first image (the OOM killer's way):
+    the run ends `failed` with one line naming the worker, and the process exits."""
+    settings = [s for s in _settings(data, tmp_path / "checkpoints") if not s.startswith("data.num_workers")]
+    args = ["--config", "configs/demo_cpu.yaml", "--run", "val-worker", "--runs-dir", str(tmp_path / "runs"),
+            "--set", "data.num_workers=1"] + [x for s in settings for x in ("--set", s)]
+    r = _train(args, fault="eval-image:1")
+    errors = [ln for ln in re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", r.stderr).splitlines() if ln.startswith("error: ")]
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    names_worker = re.compile(r"DataLoader worker \(pid(\(s\))? \d+\) (is killed by signal|exited unexpectedly)")
+    assert len(errors) == 1 and names_worker.search(errors[0]), errors
+    status = runs.read_status(tmp_path / "runs" / "val-worker")
+    assert status["state"] == "failed" and "\n" not in status["error"] and names_worker.search(status["error"])
+    assert "validating epoch 1" in (tmp_path / "runs" / "val-worker" / runs.LOG_FILE).read_text() or \
+        status["epoch"] == 1
+
+
+def _tiny_cfg(data: Path, work: Path, *extra: str):
+    from engine.config import load_config
+
+    return load_config(ROOT / "configs" / "demo_cpu.yaml", _settings(data, work / "checkpoints") + [
+        f"run.runs_dir={work / 'runs'}", *extra])
+
+
+def test_train_without_the_cli_ends_its_loader_workers_after_a_worker_error(data, tmp_path):
+    """train() called from Python (no engine.cli cleanup): a worker's error ends the run and the
+    loop's `finally` has shut the worker down, though the exception (and its traceback) lives on."""
+    import multiprocessing
+
+    from engine.errors import EngineError
+    from engine.train import train
+    from tests.conftest import corrupt_png_same_size
+
+    bad = tmp_path / "data"
+    shutil.copytree(data, bad)
+    name = json.loads((bad / "train" / "_annotations.coco.json").read_text())["images"][0]["file_name"]
+    corrupt_png_same_size(data / "train" / name, bad / "train" / name)
+    with pytest.raises(EngineError, match="unreadable image") as caught:
+        train(_tiny_cfg(bad, tmp_path, "data.num_workers=1", "train.batch_size=8"), "bad-worker")
+    assert caught.value.__traceback__ is not None
+    assert multiprocessing.active_children() == []
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs (needs root; skipped where mount is not allowed)."""
+    mnt = tmp_path / "small-disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def _fill(folder: Path) -> None:
+    with open(folder / "filler", "wb", buffering=0) as fh:
+        for chunk in (65536, 4096, 1):
+            try:
+                while True:
+                    fh.write(b"\0" * chunk)
+            except OSError:
+                pass
+
+
+def test_a_full_disk_while_writing_metrics_fails_the_run_and_keeps_last_pth(data, tmp_path, small_disk, monkeypatch,
+                                                                          capsys):
+    """runs/ on a small filesystem that fills up at epoch 2's first step record: the run stops with
+    one line naming the file it could not write; status.json cannot be written either, so that line goes to
+    stderr; last.pth (epoch 1, on another disk) stays loadable."""
+    from engine import tracking
+    from engine.train import train
+
+    original, calls = tracking.JsonlWriter.write, []
+
+    def write(self, record):
+        calls.append(record.get("type"))
+        if calls.count("step") == 3 and record.get("type") == "step":
+            _fill(small_disk)
+        original(self, record)
+
+    monkeypatch.setattr(tracking.JsonlWriter, "write", write)
+    cfg = _tiny_cfg(data, tmp_path, f"run.runs_dir={small_disk / 'runs'}", "eval.probe_images=0")
+    with pytest.raises(runs.RunFolderWriteError) as caught:
+        train(cfg, "full-disk")
+    # the line names the first file that needed a new block: metrics.jsonl (its last page may still
+    # have room for a line) or status.json
+    run_dir = small_disk / "runs" / "full-disk"
+    assert re.fullmatch(rf"({re.escape(str(run_dir / runs.METRICS_FILE))}: cannot write a step record|"
+                        rf"{re.escape(str(run_dir / runs.STATUS_FILE))}: cannot write the run status): "
+                        rf"No space left on device \[errno 28\]", str(caught.value)), str(caught.value)
+    err = capsys.readouterr().err
+    assert "status not saved" in err and str(caught.value) in err and "the run is failed" in err
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "full-disk" / runs.LAST_CKPT)
+    assert ckpt["epoch"] == 1
+    assert temp_files(small_disk, tmp_path / "checkpoints") == []
