@@ -343,7 +343,10 @@ def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -
 
 
 def save_config(cfg: Config, path: Union[str, Path]) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    """Written atomically: a run killed while writing it has the whole file or none."""
+    from engine.runs import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def validate_run_name(name: str) -> str:

@@ -97,7 +97,7 @@ def main() -> int:
     env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     sets = [x for s in SETTINGS + [f"train.epochs={args.epochs}", f"data.root={data}",
                                    f"run.checkpoints_dir={ckpts}"] for x in ("--set", s)]
-    kills = resumes = resumes_ok = completed = epochs_once = recovered = run_kills = 0
+    kills = resumes = resumes_ok = completed = epochs_once = recovered = run_kills = before_run = 0
     unloadable: list[str] = []
     leftovers: list[Path] = []
     rows = []
@@ -119,6 +119,11 @@ def main() -> int:
             proc.send_signal(signal.SIGKILL)
             proc.communicate()
             kills += 1
+            if not (runs_dir / run / runs.CONFIG_FILE).exists():  # killed before the run existed
+                rows.append(f"kill {kills:2d}: {run} after {delay:5.1f}s -> before its config.yaml: a new run")
+                before_run += 1
+                resume, run_index = False, run_index + 1
+                continue
             run_kills += 1
             resumes_ok += resume  # this resume ran until we killed it
             bad = unloadable_files(runs_dir / run, ckpts / run)
@@ -152,12 +157,12 @@ def main() -> int:
         resume, run_index = False, run_index + 1
     print("\n".join(rows))
     print()
-    print("| kills | kills resumed to completion | resumes not refused | runs completed | epochs 1..N once "
+    print("| kills (before config.yaml existed) | kills resumed to completion | resumes not refused | runs completed | epochs 1..N once "
           "| unloadable files | leftover temp files | wall |")
     print("|---|---|---|---|---|---|---|---|")
-    print(f"| {kills} | {recovered}/{kills} | {resumes_ok}/{resumes} | {completed}/{run_index} | "
+    print(f"| {kills} ({before_run}) | {recovered}/{kills - before_run} | {resumes_ok}/{resumes} | {completed}/{run_index} | "
           f"{epochs_once}/{completed} | {len(unloadable)} | {len(leftovers)} | {time.time() - t_all:.0f} s |")
-    return 0 if (recovered == kills and resumes_ok == resumes and epochs_once == completed and not unloadable
+    return 0 if (recovered == kills - before_run and resumes_ok == resumes and epochs_once == completed and not unloadable
                  and not leftovers) else 1
 
 
