@@ -84,7 +84,7 @@ PathLike = Union[str, Path]
 TEMP_SUFFIX = ".tmp"  # atomic writes go through `.<name>.<random>.tmp` in the same folder
 
 
-class RunFolderWriteError(EngineError):
+class RunFolderWriteError(EngineError, OSError):
     """A file of the run folder cannot be written (disk full, quota, read-only, permissions)."""
 
 
