@@ -235,3 +235,20 @@ def test_a_full_disk_while_writing_metrics_fails_the_run_and_keeps_last_pth(data
     ckpt = load_checkpoint(tmp_path / "checkpoints" / "full-disk" / runs.LAST_CKPT)
     assert ckpt["epoch"] == 1
     assert temp_files(small_disk, tmp_path / "checkpoints") == []
+
+
+def test_out_of_memory_while_loading_an_image_is_one_line_naming_it(data, monkeypatch):
+    """MemoryError in a loader (a worker's or the main process's) becomes a DatasetError naming the
+    image, so the run fails with that line (a worker's error is cut back to it, engine.data)."""
+    from engine import data as engine_data
+
+    split = engine_data.load_split(data, "valid")
+    dataset = engine_data.PlateDataset(split, train=False)
+
+    def no_memory(path):
+        raise MemoryError()
+
+    monkeypatch.setattr(engine_data, "read_image", no_memory)
+    with pytest.raises(engine_data.DatasetError) as caught:
+        dataset[0]
+    assert str(caught.value) == f"{split.images[0].path}: unreadable image (image id {split.images[0].id}): MemoryError"
