@@ -113,11 +113,14 @@ def main() -> int:
         delay = rng.uniform(0.5, expected) if kills < args.kills else None
         t0 = time.time()
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        killed, err = False, ""
         try:
             _, err = proc.communicate(timeout=delay)
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
             proc.communicate()
+            killed = True
+        if killed:
             kills += 1
             if not (runs_dir / run / runs.CONFIG_FILE).exists():  # killed before the run existed
                 rows.append(f"kill {kills:2d}: {run} after {delay:5.1f}s -> before its config.yaml: a new run")
@@ -130,18 +133,20 @@ def main() -> int:
             state = runs.effective_state(runs.read_status(runs_dir / run))
             unloadable += bad
             rows.append(f"kill {kills:2d}: {run} after {delay:5.1f}s -> {state}{' UNLOADABLE ' + str(bad) if bad else ''}")
-            resume = True
-            continue
-        if proc.returncode != 0:
+            resume = state != "completed"  # killed after writing `completed`, while exiting: the run is done
+            if resume:
+                continue
+        elif proc.returncode != 0:
             rows.append(f"{run}: {'resume' if resume else 'start'} exited {proc.returncode}: "
                         f"{(err or '').strip().splitlines()[-1:]}")
             resume, run_index, run_kills = False, run_index + 1, 0
             continue
-        resumes_ok += resume
+        else:
+            if not resume:  # an uninterrupted process: the kill delays are drawn up to its duration
+                expected = time.time() - t0
+            resumes_ok += resume
         completed += 1
         recovered, run_kills = recovered + run_kills, 0
-        if not resume:
-            expected = time.time() - t0
         from engine.report import gather
 
         _, epochs = runs.read_metrics(runs_dir / run)
