@@ -40,7 +40,7 @@ def save_checkpoint(path: Union[str, Path], obj: dict) -> Path:
     torch.save(obj, buffer)
     size_mb = buffer.getbuffer().nbytes / 2**20
     try:
-        atomic_write_bytes(path, buffer.getvalue())
+        atomic_write_bytes(path, buffer.getvalue(), fault="checkpoint-write")
     except OSError as exc:
         cause = exc.strerror or type(exc).__name__
         kept = "the previous file is unchanged" if path.exists() else "no file was written"

@@ -273,8 +273,14 @@ def end_loader_workers() -> None:
         return
     import gc
     import multiprocessing
+    import signal
 
-    for child in multiprocessing.active_children():
+    children = multiprocessing.active_children()
+    if children:
+        # torch's SIGCHLD handler would raise "DataLoader worker ... killed" into this cleanup
+        # (whenever the signal lands) for the workers killed here; the command is over.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
         child.kill()
         child.join(timeout=10)
     gc.collect()

@@ -349,7 +349,10 @@ def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -
 
 
 def save_config(cfg: Config, path: Union[str, Path]) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    """Written atomically: a run killed while writing it has the whole file or none."""
+    from engine.runs import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def validate_run_name(name: str) -> str:
@@ -424,3 +427,27 @@ def replace_reference_table(text: str) -> str:
     if start < 0 or end < start:
         raise ConfigError(f"the markers {TABLE_START!r} ... {TABLE_END!r} are missing")
     return text[: start + len(TABLE_START)] + "\n" + reference_table() + "\n" + text[end:]
+
+
+# ----------------------------------------------------------------------------- paths
+WEIGHT_NAMES = ("coco", "none")  # model.weights values that are not paths
+
+
+def resolve_paths(cfg: Config, also_under: Optional[Path] = None) -> Config:
+    """Make data.root, run.checkpoints_dir and a model.weights path absolute (in place), so the
+    config.yaml a run saves still finds them from another working directory (--resume, the
+    dashboard). A relative path is taken from the working directory; when it does not exist
+    there but does under `also_under` (the project folder of an older run's runs/), from there."""
+    def absolute(value: str) -> str:
+        path = Path(value).expanduser()
+        if path.is_absolute():
+            return str(path)
+        if not path.exists() and also_under is not None and (also_under / path).exists():
+            return str((also_under / path).resolve())
+        return str(path.resolve())
+
+    cfg.data.root = absolute(cfg.data.root)
+    cfg.run.checkpoints_dir = absolute(cfg.run.checkpoints_dir)
+    if cfg.model.weights and cfg.model.weights.lower() not in WEIGHT_NAMES:
+        cfg.model.weights = absolute(cfg.model.weights)
+    return cfg

@@ -31,6 +31,7 @@ from torchvision.transforms import v2
 
 from engine.config import AugmentConfig
 from engine.errors import EngineError
+from engine.faults import fault_point
 
 ANNOTATIONS_FILE = "_annotations.coco.json"
 SPLITS = ("train", "valid", "test")
@@ -330,6 +331,7 @@ class PlateDataset(torch.utils.data.Dataset):
         """Any failure (decode, transform, out of memory) is a DatasetError naming the image, so a
         DataLoader worker's error reaches the user as one line."""
         record = self.records[index]
+        fault_point("train-image" if self.train else "eval-image")
         try:
             image = read_image(record.path)
         except Exception as exc:
@@ -368,3 +370,14 @@ def to_coco_gt(split_or_records: Union[CocoSplit, Iterable[ImageRecord]]) -> dic
                                 "iscrowd": 0})
     return {"images": images, "annotations": annotations,
             "categories": [{"id": PLATE_LABEL, "name": "license_plate"}]}
+
+
+def shut_down_loader_iterator(iterator) -> None:
+    """End the worker processes of a DataLoader iterator now (a no-op without workers).
+
+    Called in a `finally` by the loops: an iterator kept alive by an exception's traceback would
+    otherwise keep its workers (which ignore SIGTERM) and their SIGCHLD watch until the process
+    exits, where multiprocessing waits for them."""
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()

@@ -32,6 +32,7 @@ from typing import Any, Optional
 import torch
 
 from engine import runs
+from engine.faults import fault_point
 
 HEARTBEAT_S = 5.0
 EMA = 0.9  # weight of the previous value in the step-time and images/s averages
@@ -98,6 +99,7 @@ class RunState:
         if not resume or not self.status.get("started_at"):
             self.status["started_at"] = now
         self.writer.update(state="running", message="resuming" if resume else "starting")
+        fault_point("start")
 
     def preparing(self, message: str, **fields: Any) -> None:
         self.writer.update(message=message, **fields)
@@ -148,8 +150,9 @@ class RunState:
                            elapsed_s=elapsed_s, message=message, **self._ranks())
 
     def failed(self, error: str) -> None:
-        self.writer.update(state="failed", ended_at=time.time(), eta_s=None, error=error, message=error,
-                           **self._ranks())
+        """Never raises: when status.json cannot be written (disk full) the line goes to stderr."""
+        self.writer.update_or_report(state="failed", ended_at=time.time(), eta_s=None, error=error, message=error,
+                                     **self._ranks())
 
     def interrupted(self) -> None:
         self.writer.update(state="stopped", ended_at=time.time(), eta_s=None,

@@ -33,6 +33,10 @@ metrics.jsonl {"type": "step", "step", "epoch", "time", "loss", "loss_classifier
                "data_time_s", "amp_scale", "gpu_mem_peak_mb"}   (the last two null off CUDA/AMP)
               {"type": "epoch", "epoch", "step", "time", "train_loss", "val_map50", "val_map50_95",
                "val_precision", "val_recall", "val_f1", "lr", "epoch_time_s", "is_best"}
+              {"type": "start", "step", "epoch", "time", "resumed"}   written first by every
+              training process: the global step and the epochs done it starts from (its
+              checkpoint's, 0 and 0 for a fresh start); readers drop earlier step / epoch records
+              past them (dedupe_records)
               `step` is the global iteration (1-based, the number of optimizer steps done);
               `epoch` is 1-based.
 """
@@ -41,11 +45,15 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
+
+from engine.errors import EngineError
+from engine.faults import fault_point
 
 # runs/<run>/
 CONFIG_FILE = "config.yaml"  # the resolved config, written once at the start
@@ -90,19 +98,36 @@ DERIVED_STATES = ("crashed", "stalled")
 STALL_AFTER_S = 120.0  # no heartbeat for this long while alive -> stalled
 
 PathLike = Union[str, Path]
+TEMP_SUFFIX = ".tmp"  # atomic writes go through `.<name>.<random>.tmp` in the same folder
+
+
+class RunFolderWriteError(EngineError, OSError):
+    """A file of the run folder cannot be written (disk full, quota, read-only, permissions)."""
+
+
+def write_error(path: PathLike, exc: OSError, what: str) -> RunFolderWriteError:
+    """One line naming the file, what was being written and the OS's reason."""
+    return RunFolderWriteError(f"{path}: cannot write {what}: {exc.strerror or type(exc).__name__} "
+                               f"[errno {exc.errno}]")
 
 
 # ----------------------------------------------------------------------------- atomic writes
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then os.replace: readers never see half."""
+def atomic_write_bytes(path: PathLike, data: bytes, fault: Optional[str] = None) -> None:
+    """Write to a temp file in the same folder, fsync, then os.replace: readers never see half.
+
+    A temp file left by a process killed in between is named `.<name>.<random>.tmp`
+    (remove_temp_files deletes them when the run resumes). `fault`: engine.faults point name
+    reached between the temp file and the rename (tests)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        if fault:
+            fault_point(fault)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -110,6 +135,23 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
         except OSError:
             pass
         raise
+
+
+def remove_temp_files(*folders: PathLike) -> list[Path]:
+    """Delete the temp files of atomic writes a killed process left in `folders` (recursively).
+    Call only while no other process writes there (a resuming trainer, after its liveness check)."""
+    removed = []
+    for folder in folders:
+        folder = Path(folder)
+        if not folder.is_dir():
+            continue
+        for tmp in folder.rglob(f".*{TEMP_SUFFIX}"):
+            try:
+                tmp.unlink()
+                removed.append(tmp)
+            except OSError:
+                pass
+    return removed
 
 
 def atomic_write_json(path: PathLike, obj: Any) -> None:
@@ -211,12 +253,27 @@ class StatusWriter:
         self.last_write = 0.0
 
     def update(self, **fields: Any) -> dict:
+        """Apply `fields` and replace status.json; RunFolderWriteError when it cannot be written."""
         self.status.update(fields)
         self.status["updated_at"] = time.time()
         if self.enabled:
-            atomic_write_json(self.path, self.status)
+            try:
+                atomic_write_json(self.path, self.status)
+            except OSError as exc:
+                raise write_error(self.path, exc, "the run status") from None
         self.last_write = self.status["updated_at"]
         return self.status
+
+    def update_or_report(self, **fields: Any) -> bool:
+        """`update`, for end states: when status.json cannot be written, the status (state and
+        message) goes to stderr as one line instead of raising over the run's real outcome."""
+        try:
+            self.update(**fields)
+            return True
+        except RunFolderWriteError as exc:
+            print(f"status not saved ({exc}); the run is {self.status.get('state')}: "
+                  f"{self.status.get('message')}", file=sys.stderr, flush=True)
+            return False
 
     def heartbeat(self, every: float = 5.0, **fields: Any) -> None:
         """Keep `fields`; write only when `every` seconds have passed since the last write."""
@@ -260,11 +317,32 @@ def write_ended(run_path: PathLike, state: str, message: str, error: Optional[st
 
 # ----------------------------------------------------------------------------- metrics
 def append_jsonl(path: PathLike, record: dict) -> None:
-    """Append one record as a line and flush it (one write call per line)."""
+    """Append one record as a line and flush it (one write call per line).
+    RunFolderWriteError (one line) when the file cannot be written."""
     line = json.dumps(record, default=_json_default) + "\n"
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(line)
-        fh.flush()
+    try:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(line)
+            fh.flush()
+    except OSError as exc:
+        raise write_error(path, exc, f"a {record.get('type', 'metrics')} record") from None
+
+
+def end_partial_line(path: PathLike) -> None:
+    """Terminate a last line a killed process left half-written, so the next record starts on a
+    line of its own (the half line is then skipped by readers instead of swallowing it)."""
+    try:
+        with open(path, "rb+") as fh:
+            fh.seek(0, os.SEEK_END)
+            if fh.tell() == 0:
+                return
+            fh.seek(-1, os.SEEK_END)
+            if fh.read(1) != b"\n":
+                fh.write(b"\n")
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise write_error(path, exc, "the metrics file") from None
 
 
 def read_jsonl(path: PathLike, offset: int = 0) -> tuple[list[dict], int]:
@@ -297,15 +375,21 @@ def read_jsonl(path: PathLike, offset: int = 0) -> tuple[list[dict], int]:
 
 
 def dedupe_records(records: Iterable[dict]) -> tuple[list[dict], list[dict]]:
-    """(step records, epoch records), keeping the newest record per step / per epoch, sorted.
+    """(step records, epoch records) as the run's checkpoints tell them, sorted by step / epoch.
 
-    A resumed run appends to the same file and may repeat steps after its last checkpoint.
+    Records are read in file order. A `start` record (written by every training process, with the
+    step and epoch its checkpoint holds, 0 and 0 for a fresh start) supersedes the records before
+    it that lie past that step / epoch: a process killed after them lost them with its unsaved
+    state. Then the newest record per step and per epoch wins (a resumed run writes them again).
     """
     steps: dict[int, dict] = {}
     epochs: dict[int, dict] = {}
     for rec in records:
         kind = rec.get("type")
-        if kind == "step" and isinstance(rec.get("step"), int):
+        if kind == "start" and isinstance(rec.get("step"), int) and isinstance(rec.get("epoch"), int):
+            steps = {k: v for k, v in steps.items() if k <= rec["step"]}
+            epochs = {k: v for k, v in epochs.items() if k <= rec["epoch"]}
+        elif kind == "step" and isinstance(rec.get("step"), int):
             steps[rec["step"]] = rec
         elif kind == "epoch" and isinstance(rec.get("epoch"), int):
             epochs[rec["epoch"]] = rec

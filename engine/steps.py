@@ -24,7 +24,9 @@ from engine import distributed as D
 from engine import evaluate
 from engine.build import Amp
 from engine.config import EvalConfig
+from engine.data import shut_down_loader_iterator
 from engine.errors import EngineError
+from engine.faults import fault_point
 from engine.run_state import RunState, StopRequested
 
 
@@ -147,28 +149,33 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sc
     max_norm = grad_clip if grad_clip > 0 else float("inf")
     model.train()
     state.epoch_started(progress.epoch, progress.batches_done, progress.global_step)
-    bar = tqdm(loader, total=steps_per_epoch, initial=progress.batches_done, desc=f"epoch {progress.epoch}/{epochs}",
+    batches = iter(loader)
+    bar = tqdm(batches, total=steps_per_epoch, initial=progress.batches_done, desc=f"epoch {progress.epoch}/{epochs}",
                unit="batch", leave=False, file=sys.stderr, disable=not state.main, **tqdm_kwargs())
     t_prev = time.time()
-    for images, targets in bar:
-        data_time = time.time() - t_prev  # waiting for the DataLoader (0 when it keeps up)
-        images = [img.to(device, non_blocking=True) for img in images]
-        scalars = train_step(model, optimizer, scheduler, scaler, images, _targets_to(targets, device), amp=amp,
-                             device=device, params=params, max_norm=max_norm,
-                             where=f"step {progress.global_step + 1} (epoch {progress.epoch})", ctx=ctx)
-        now = time.time()
-        step_time, t_prev = now - t_prev, now
-        progress.batches_done += 1
-        progress.loss_sum += scalars["loss"]
-        progress.loss_count += 1
-        progress.time_s += step_time
-        step = progress.global_step
-        if step % log_every == 0:
-            recorder.record_step(step, progress.epoch, images_per_s=len(images) * world / max(step_time, 1e-9),
-                                 data_time_s=data_time, gpu_mem_peak_mb=gpu_mem_peak_mb(device), **scalars)
-        bar.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{scalars['lr']:.2e}", refresh=False)
-        state.step_done(step, progress.batches_done, len(images) * world, step_time)
-        check_stop(state, ctx)
+    try:
+        for images, targets in bar:
+            data_time = time.time() - t_prev  # waiting for the DataLoader (0 when it keeps up)
+            images = [img.to(device, non_blocking=True) for img in images]
+            scalars = train_step(model, optimizer, scheduler, scaler, images, _targets_to(targets, device), amp=amp,
+                                 device=device, params=params, max_norm=max_norm,
+                                 where=f"step {progress.global_step + 1} (epoch {progress.epoch})", ctx=ctx)
+            now = time.time()
+            step_time, t_prev = now - t_prev, now
+            progress.batches_done += 1
+            progress.loss_sum += scalars["loss"]
+            progress.loss_count += 1
+            progress.time_s += step_time
+            step = progress.global_step
+            if step % log_every == 0:
+                recorder.record_step(step, progress.epoch, images_per_s=len(images) * world / max(step_time, 1e-9),
+                                     data_time_s=data_time, gpu_mem_peak_mb=gpu_mem_peak_mb(device), **scalars)
+            bar.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{scalars['lr']:.2e}", refresh=False)
+            fault_point("step")
+            state.step_done(step, progress.batches_done, len(images) * world, step_time)
+            check_stop(state, ctx)
+    finally:
+        shut_down_loader_iterator(batches)
     bar.close()
     return progress
 
@@ -180,9 +187,14 @@ class _BeatingLoader:
         self.loader, self.beat = loader, beat
 
     def __iter__(self):
-        for batch in self.loader:
-            self.beat()
-            yield batch
+        batches = iter(self.loader)
+        try:
+            for batch in batches:
+                fault_point("validation")
+                self.beat()
+                yield batch
+        finally:
+            shut_down_loader_iterator(batches)
 
     def __len__(self) -> int:
         return len(self.loader)

@@ -3,6 +3,7 @@
     recorder = MetricsRecorder([JsonlWriter(run_dir / METRICS_FILE), TensorBoardWriter(run_dir)])
     recorder.record_step(step, epoch, loss=..., lr=..., grad_norm=...)
     recorder.record_epoch(epoch, step, train_loss=..., val_map50=..., is_best=True)
+    recorder.record_start(step, epochs_done, resumed)   first, by every training process
 
 Records have exactly the shapes documented in engine/runs.py. TensorBoard scalars are all
 logged against the global step, so `purge_step` on resume drops orphaned events of every tag.
@@ -17,7 +18,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from engine.runs import METRICS_FILE, append_jsonl
+from engine.faults import fault_point
+from engine.runs import METRICS_FILE, append_jsonl, end_partial_line
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +71,13 @@ def _clean(value: Any) -> Any:
 
 
 class JsonlWriter:
-    """Appends each record as one line to metrics.jsonl (flushed per line)."""
+    """Appends each record as one line to metrics.jsonl (flushed per line). A half line a killed
+    earlier process left at the end is terminated first, so it cannot swallow the next record."""
 
     def __init__(self, path: Union[str, Path]):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        end_partial_line(self.path)
 
     def write(self, record: dict) -> None:
         append_jsonl(self.path, record)
@@ -98,6 +102,8 @@ class TensorBoardWriter:
         self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step, flush_secs=flush_secs)
 
     def write(self, record: dict) -> None:
+        if record.get("type") not in ("step", "epoch"):
+            return
         tags = STEP_TAGS if record.get("type") == "step" else EPOCH_TAGS
         step = int(record["step"])
         walltime = record.get("time")
@@ -126,6 +132,12 @@ class MetricsRecorder:
             writer.write(record)
         return record
 
+    def record_start(self, step: int, epochs_done: int, resumed: bool) -> dict:
+        """The `start` record: this process continues from global step `step` after
+        `epochs_done` epochs (its checkpoint); readers drop earlier records past them."""
+        return self._emit({"type": "start", "step": int(step), "epoch": int(epochs_done), "time": time.time(),
+                           "resumed": bool(resumed)})
+
     def record_step(self, step: int, epoch: int, **scalars: Any) -> dict:
         record = {"type": "step", "step": int(step), "epoch": int(epoch), "time": time.time()}
         record.update({k: _clean(scalars.get(k)) for k in STEP_KEYS})
@@ -135,7 +147,9 @@ class MetricsRecorder:
         record = {"type": "epoch", "epoch": int(epoch), "step": int(step), "time": time.time()}
         record.update({k: _clean(scalars.get(k)) for k in EPOCH_KEYS})
         record["is_best"] = bool(scalars.get("is_best", False))
-        return self._emit(record)
+        self._emit(record)
+        fault_point("epoch-record")
+        return record
 
     def flush(self) -> None:
         for writer in self.writers:

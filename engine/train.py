@@ -51,8 +51,9 @@ from tqdm import tqdm
 from engine import build, evaluate, runs
 from engine import distributed as D
 from engine.checkpoint import FORMAT, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
-from engine.config import Config, default_run_name, load_config, save_config, validate_run_name
+from engine.config import Config, default_run_name, load_config, resolve_paths, save_config, validate_run_name
 from engine.errors import EngineError, RunError
+from engine.faults import fault_point
 from engine.run_state import RunState, StopRequested, StopSignals, initial_fields
 from engine.schedule import EarlyStopping
 from engine.steps import EpochProgress, check_stop, tqdm_kwargs, train_one_epoch, validate_one_epoch
@@ -96,12 +97,13 @@ def load_run_config(run: str, runs_dir: str = "runs", overrides: Optional[list[s
     cfg = load_config(path, overrides)
     cfg.run.runs_dir = str(runs_dir)
     cfg.run.name = run
-    return cfg
+    return resolve_paths(cfg, also_under=Path(runs_dir).resolve().parent)
 
 
-def _resume_checkpoint(run: str, run_dir: Path, ckpt_dir: Path, ctx: D.DistContext) -> Path:
-    """last.pth of a run that may be resumed. A checkpoint with `completed` (no epochs left) of a
-    run whose status has no `completed_at` resumes into the final test evaluation."""
+def _resume_checkpoint(run: str, run_dir: Path, ckpt_dir: Path, ctx: D.DistContext) -> Optional[Path]:
+    """last.pth of a run that may be resumed; None when it has none yet (the run starts over from
+    step 0 with its config.yaml). A checkpoint with `completed` (no epochs left) of a run whose
+    status has no `completed_at` resumes into the final test evaluation."""
     if not run_dir.is_dir():
         raise RunError(f"run {run!r} not found in {run_dir.parent}")
     status = runs.read_status(run_dir) or {}
@@ -114,8 +116,8 @@ def _resume_checkpoint(run: str, run_dir: Path, ckpt_dir: Path, ctx: D.DistConte
             and status.get("host") == runs.hostname() and runs.pid_alive(status.get("pid"))):
         raise RunError(f"run {run!r} is still running (pid {status.get('pid')})")
     path = ckpt_dir / runs.LAST_CKPT
-    if not path.is_file():
-        raise RunError(f"{path}: no checkpoint to resume run {run!r} from")
+    if not path.is_file():  # killed before its first checkpoint: start over with the run's config
+        return None
     return path
 
 
@@ -346,7 +348,8 @@ def fit(cfg: Config, run_dir: Path, ckpt_dir: Path, state: RunState, resume_from
     loop = restore_training(checkpoint, t) if checkpoint else LoopState(EarlyStopping(cfg.train.early_stopping_patience))
     if ctx.distributed:
         t.model = D.inject_faults(D.wrap_model(t.plain, ctx, cfg.dist.find_unused_parameters), ctx, loop.global_step)
-    recorder = make_recorder(run_dir, purge_step=loop.global_step + 1 if checkpoint else None)
+    recorder = make_recorder(run_dir, purge_step=loop.global_step + 1)
+    recorder.record_start(loop.global_step, loop.next_epoch - 1, resumed=checkpoint is not None)
     probes = build.select_probes(cfg, t.data.valid_split, state.main)
     if checkpoint:  # last, so nothing above shifts the restored RNG streams
         _restore_rng(checkpoint, ctx)
@@ -461,6 +464,7 @@ def evaluate_test_split(t: Training, state: RunState) -> None:
     state.testing(split)
 
     def on_image() -> None:
+        fault_point("test-eval")
         state.beat()
         state.check_signal()
 
@@ -545,7 +549,7 @@ def train(cfg: Config, run_name: Optional[str] = None, resume: bool = False, *,
     Under torchrun every process calls this: it joins the process group first (engine.distributed)
     and leaves it at the end; world size 1 creates none.
     """
-    cfg = copy.deepcopy(cfg)
+    cfg = resolve_paths(copy.deepcopy(cfg))
     ctx = D.init_from_env(cfg)
     try:
         return _train(cfg, ctx, run_name, resume, stop_at_step)
@@ -640,6 +644,7 @@ def _open_run(cfg: Config, run_dir: Path, ckpt_dir: Path, resume: bool,
         except RunError as exc:
             _settle_queued_status(run_dir, exc, ctx)
             raise
+        runs.remove_temp_files(run_dir, ckpt_dir)  # left by a killed process; nothing else writes here now
     else:
         _claim_new_run(run_dir, ckpt_dir, ctx.run_id if ctx.restart_count > 0 else None)
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -148,7 +148,7 @@ def test_image_that_fails_to_decode_in_a_loader_worker_ends_the_process(plates_r
     assert errors[0].endswith("(DataLoader worker process 0)")
     status = json.loads((tmp_path / "runs" / "bad-pixels" / "status.json").read_text())
     assert status["state"] == "failed" and status["error"] == errors[0][len("error: "):]
-    assert not subprocess.run(["pgrep", "-f", f"--run bad-pixels --runs-dir {tmp_path}"],
+    assert not subprocess.run(["pgrep", "-f", "--", f"--run bad-pixels --runs-dir {tmp_path}"],
                               capture_output=True).stdout.strip(), "a DataLoader worker outlived the run"
 
 

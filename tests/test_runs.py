@@ -95,3 +95,67 @@ def test_status_writer_heartbeat_writes_at_most_every_n_seconds(tmp_path):
     assert runs.read_status(tmp_path)["step"] == 1 and writer.status["step"] == 2
     writer.heartbeat(every=0, step=3)
     assert runs.read_status(tmp_path)["step"] == 3
+
+# ----------------------------------------------------------------------------- crash consistency
+def _step(step, epoch):
+    return {"type": "step", "step": step, "epoch": epoch, "loss": float(step)}
+
+
+def test_a_start_record_supersedes_the_records_a_killed_process_wrote_past_its_checkpoint(tmp_path):
+    """Killed between epoch 2's record and its last.pth (which still holds epoch 1, step 2): the
+    resumed process writes `start` at step 2 / epoch 1, and readers drop the dead epoch 2 and its
+    steps at once, before the resumed run writes them again (then the new ones win)."""
+    path = tmp_path / runs.METRICS_FILE
+    for rec in [{"type": "start", "step": 0, "epoch": 0}, _step(1, 1), _step(2, 1), {"type": "epoch", "epoch": 1, "step": 2},
+                _step(3, 2), _step(4, 2), {"type": "epoch", "epoch": 2, "step": 4, "val_map50": 0.1},
+                {"type": "start", "step": 2, "epoch": 1}, _step(3, 2)]:
+        runs.append_jsonl(path, rec)
+    steps, epochs = runs.read_metrics(tmp_path)
+    assert [s["step"] for s in steps] == [1, 2, 3] and [e["epoch"] for e in epochs] == [1]
+    runs.append_jsonl(path, _step(4, 2))
+    runs.append_jsonl(path, {"type": "epoch", "epoch": 2, "step": 4, "val_map50": 0.2})
+    steps, epochs = runs.read_metrics(tmp_path)
+    assert [s["step"] for s in steps] == [1, 2, 3, 4] and [(e["epoch"], e.get("val_map50")) for e in epochs] == \
+        [(1, None), (2, 0.2)]
+    # a run restarted from scratch (killed before its first checkpoint) drops everything before
+    runs.append_jsonl(path, {"type": "start", "step": 0, "epoch": 0})
+    assert runs.read_metrics(tmp_path) == ([], [])
+
+
+def test_a_half_line_left_by_a_kill_does_not_swallow_the_next_record(tmp_path):
+    from engine.tracking import JsonlWriter, MetricsRecorder
+
+    path = tmp_path / runs.METRICS_FILE
+    runs.append_jsonl(path, _step(1, 1))
+    with open(path, "a") as fh:
+        fh.write('{"type": "step", "step": 2, "ep')  # the kill
+    MetricsRecorder([JsonlWriter(path)]).record_step(2, 1, loss=0.5)
+    steps, _ = runs.read_metrics(tmp_path)
+    assert [(s["step"], s["loss"]) for s in steps] == [(1, 1.0), (2, 0.5)]
+
+
+def test_a_full_disk_is_one_line_naming_the_file_for_metrics_and_status(tmp_path, monkeypatch):
+    with pytest.raises(runs.RunFolderWriteError, match=r"^/dev/full: cannot write a step record: No space left "
+                                                       r"on device \[errno 28\]$"):
+        runs.append_jsonl("/dev/full", _step(1, 1))
+    writer = runs.StatusWriter(tmp_path, run="r")
+    writer.update(state="running")
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(runs.os, "fsync", full)  # the write hook: the temp file cannot be made durable
+    with pytest.raises(runs.RunFolderWriteError, match=r"status.json: cannot write the run status: No space left"):
+        writer.update(message="x")
+    assert runs.read_status(tmp_path)["state"] == "running"  # the previous status stays readable
+    assert [p.name for p in tmp_path.iterdir()] == [runs.STATUS_FILE]  # no temp file left
+
+
+def test_temp_files_of_killed_writes_are_removed(tmp_path):
+    (tmp_path / "test").mkdir()
+    left = [tmp_path / ".status.json.abc123.tmp", tmp_path / "test" / ".metrics.json.x.tmp"]
+    for p in left:
+        p.write_text("half")
+    (tmp_path / "keep.tmp").write_text("not ours")
+    assert sorted(runs.remove_temp_files(tmp_path, tmp_path / "missing")) == sorted(left)
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["keep.tmp"]

@@ -344,7 +344,8 @@ def test_stop_during_the_test_evaluation_ends_stopped_and_resume_completes(work,
     status = runs.read_status(run_dir)
     assert status["state"] == "completed" and status["completed_at"] and "completed 1 epochs" in status["message"]
     assert (run_dir / runs.TEST_DIR / runs.TEST_METRICS_FILE).is_file()
-    assert [(r["type"], r["step"]) for r in _raw_records(run_dir)] == [("step", 1), ("epoch", 1)]  # no retraining
+    assert [(r["type"], r["step"]) for r in _raw_records(run_dir)] == [  # no retraining
+        ("start", 0), ("step", 1), ("epoch", 1), ("start", 1)]
     assert "Training finished at epoch 1; evaluating the test split" in (run_dir / runs.LOG_FILE).read_text()
     with pytest.raises(RunError, match="already completed"):
         train(load_run_config("test-stop", runs_dir), "test-stop", resume=True)
