@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard import predict_view as pv, service_client, settings, ui
+from dashboard import model_provenance, predict_view as pv, service_client, settings, ui
 from engine.errors import EngineError
 
 runs_dir = settings.runs_dir()
@@ -65,6 +65,13 @@ else:
         st.error(str(exc))
         st.stop()
     st.caption(f"Model: `{ckpt_path}`")
+    origin = model_provenance.describe_run(run, runs_dir, checkpoints_dir)
+    if origin is not None:
+        st.caption(f"Trained on {origin.trained_on}"
+                   + (f", starting from {origin.pretrained_from}" if origin.pretrained_from else ""))
+        if origin.warning:
+            st.warning(origin.warning + " Fine-tune it on your own Roboflow export with:")
+            st.code(origin.command, language="bash")
     test_size, max_size = int(predictor.test_size), int(predictor.model.transform.max_size)
 
 uploads = st.file_uploader("Photos (jpg, png, webp)", type=list(pv.UPLOAD_TYPES), accept_multiple_files=True,

@@ -481,3 +481,25 @@ def test_live_page_shows_the_processes_of_a_multi_process_run_and_flags_a_dead_r
     assert table["rank"].tolist() == [0, 1] and table["state"].tolist() == ["ok", "dead"]
     at.multiselect(key="live_runs").set_value(["done"]).run()  # a one-process run: no processes table
     assert not at.exception and not at.dataframe and not _texts(at, "warning")
+
+
+def test_predict_page_says_what_the_model_was_trained_on(dash_env, real_checkpoint):
+    import shutil
+
+    for name, root in (("real", None), ("synth", str(dash_env["tmp"] / "data" / "synthetic"))):
+        (dash_env["checkpoints"] / name).mkdir()
+        shutil.copy(real_checkpoint, dash_env["checkpoints"] / name / "best.pth")
+        make_run(dash_env["runs"], name, data_root=root)
+    at = app_test("views/predict.py")
+    at.selectbox(key="predict_run").set_value("real").run()
+    assert not at.exception
+    assert any(t.startswith("Trained on real photos: plates-real") for t in _texts(at, "caption"))
+    assert not _texts(at, "warning")
+    at.selectbox(key="predict_run").set_value("synth").run()
+    assert not at.exception
+    assert any(t.startswith("Trained on synthetic plates") for t in _texts(at, "caption"))
+    [warning] = _texts(at, "warning")
+    assert "trained only on synthetic plates" in warning
+    [command] = _texts(at, "code")
+    assert command.startswith("python -m engine train --config configs/real_finetune_cpu.yaml --data ")
+    assert command.endswith(f"--set model.weights={dash_env['checkpoints'] / 'synth' / 'best.pth'}")
