@@ -35,7 +35,7 @@ from PIL import Image
 
 from engine.errors import EngineError
 from engine.runs import EXPORT_DIR
-from engine.predict import SCORE_FLOOR, ImageError, image_to_tensor, infer, load_image
+from engine.predict import SCORE_FLOOR, ImageError, image_to_tensor, infer, load_image, prediction_dict
 
 EXPORT_FORMATS = ("onnx",)
 META_FORMAT = "plate-detector-onnx/1"
@@ -239,12 +239,7 @@ class OnnxPredictor:
         chw = image_to_tensor(image)
         pre_ms = (time.perf_counter() - start) * 1000
         boxes, scores, model_ms, post_ms = self.detect(chw)
-        total = (time.perf_counter() - start) * 1000
-        return {"boxes": [[round(float(v), 2) for v in b] for b in boxes],
-                "scores": [round(float(s), 4) for s in scores],
-                "ms": round(total, 2), "width": image.width, "height": image.height,
-                "timing": {"preprocess_ms": round(pre_ms, 2), "model_ms": round(model_ms, 2),
-                           "postprocess_ms": round(post_ms, 2)}}
+        return prediction_dict(image, boxes, scores, start, pre_ms, model_ms, post_ms)
 
 
 # ----------------------------------------------------------------------------- verification

@@ -157,12 +157,19 @@ class Predictor:
         tensor = image_to_tensor(image).to(self.device)
         pre_ms = (time.perf_counter() - start) * 1000
         boxes, scores, model_ms, post_ms = infer(self.model, tensor, self.device, self.amp, self.score_floor)
-        total = (time.perf_counter() - start) * 1000
-        return {"boxes": [[round(float(v), 2) for v in b] for b in boxes],
-                "scores": [round(float(s), 4) for s in scores],
-                "ms": round(total, 2), "width": image.width, "height": image.height,
-                "timing": {"preprocess_ms": round(pre_ms, 2), "model_ms": round(model_ms, 2),
-                           "postprocess_ms": round(post_ms, 2)}}
+        return prediction_dict(image, boxes, scores, start, pre_ms, model_ms, post_ms)
+
+
+def prediction_dict(image: Image.Image, boxes, scores, start: float, pre_ms: float, model_ms: float,
+                    post_ms: float) -> dict:
+    """The answer of a predictor (PyTorch or ONNX Runtime) for one image: rounded boxes and scores, the
+    image size, and the time since `start` (a perf_counter reading) split into its stages."""
+    total = (time.perf_counter() - start) * 1000
+    return {"boxes": [[round(float(v), 2) for v in b] for b in boxes],
+            "scores": [round(float(s), 4) for s in scores],
+            "ms": round(total, 2), "width": image.width, "height": image.height,
+            "timing": {"preprocess_ms": round(pre_ms, 2), "model_ms": round(model_ms, 2),
+                       "postprocess_ms": round(post_ms, 2)}}
 
 
 def predict_files(checkpoint: Union[str, Path], paths: list, out: Optional[Union[str, Path]] = None,
