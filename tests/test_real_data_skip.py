@@ -9,9 +9,12 @@ NEEDS_PHOTOS = "tests/dashboard/test_dashboard_helpers.py::test_box_stats_and_dr
 
 
 def _pytest(tmp_path, **env):
+    """pytest on one test that needs the photos, pointed at a folder without them; the environment
+    of this run (CI sets REQUIRE_PLATES_REAL=1) is replaced by `env`."""
+    base = {k: v for k, v in os.environ.items() if k != "REQUIRE_PLATES_REAL"}
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-rsf", "-p", "no:cacheprovider", NEEDS_PHOTOS],
                           cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PLATES_REAL": str(tmp_path / "no-photos"), **env})
+                          env={**base, "PLATES_REAL": str(tmp_path / "no-photos"), **env})
 
 
 def test_missing_photos_skip_with_one_clear_reason(tmp_path):
