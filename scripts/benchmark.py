@@ -5,6 +5,7 @@
     .venv/bin/python scripts/benchmark.py --only demo     # the CPU demo, start to finish
     .venv/bin/python scripts/benchmark.py --only gpu      # the real recipe on plates-real (CUDA box)
     .venv/bin/python scripts/benchmark.py --only perf     # issue 9: Live page, evaluation, Predict, loop
+    .venv/bin/python scripts/benchmark.py --only transfer # synthetic demo on real photos; fine-tune vs scratch
 
 demo: trains configs/demo_cpu.yaml as a real subprocess (exactly what the dashboard launches) and
 reads its metrics.jsonl: training images/s (median over step records) and the minutes from the
@@ -12,6 +13,9 @@ run's start until the first epoch whose val mAP@0.5 >= 0.5.
 val:  times engine.evaluate.validate over plates-real/valid (75 images) for the demo model and the
 recipe's model at the recipe's test size, weights none (speed does not depend on the weights).
 gpu:  a short run of the recipe on plates-real on CUDA: images/s and seconds per epoch.
+transfer: trains the demo on a freshly generated synthetic set, evaluates it on plates-real/test;
+then configs/real_finetune_cpu.yaml from that checkpoint on plates-real/train, and the same config
+from scratch for the same wall time (synthetic + fine-tune); test mAP@0.5 of both.
 perf: every number of issue 9 next to its anchor measured in the same run (scripts/perf_bench.py
       says what is measured and how); CPU heavy for several minutes.
 """
@@ -114,9 +118,53 @@ def bench_gpu(runs_dir: Path) -> list[tuple[str, str, str]]:
              ", ".join(f"{e.get('epoch_time_s', 0):.1f}" for e in epochs), "python scripts/benchmark.py --only gpu")]
 
 
+def _test_numbers(out_dir: Path) -> str:
+    """mAP@0.5, P/R at the 0.5 threshold, and the best recall at precision >= 0.5 from an evaluate folder."""
+    import json
+
+    m = json.loads((out_dir / "metrics.json").read_text())
+    prf = json.loads((out_dir / "prf_vs_confidence.json").read_text())
+    recall = max((r for p, r in zip(prf["precision"], prf["recall"]) if p >= 0.5), default=0.0)
+    return (f"mAP@0.5 {m['map50']:.3f}; at score 0.5: P {m['precision']:.3f} R {m['recall']:.3f}; "
+            f"best recall at P >= 0.5: {recall:.3f}")
+
+
+def _train(name: str, args: list, runs_dir: Path) -> float:
+    t0 = time.time()
+    subprocess.run([sys.executable, "-m", "engine", "train", "--run", name, "--set", f"run.runs_dir={runs_dir}"] + args,
+                   cwd=ROOT, check=True)
+    return time.time() - t0
+
+
+def bench_transfer(runs_dir: Path) -> list[tuple[str, str, str]]:
+    import yaml
+
+    if PLATES_REAL is None:
+        return [("transfer to real photos", "plates-real not found", "")]
+    stamp, cmd_text = time.strftime('%Y%m%d-%H%M%S'), "python scripts/benchmark.py --only transfer"
+    synth, fine, scratch = (f"bench-{k}-{stamp}" for k in ("synth", "finetune", "scratch"))
+    synth_wall = _train(synth, ["--config", "configs/demo_cpu.yaml", "--data", str(ROOT / "data" / synth)], runs_dir)
+    weights = ROOT / "checkpoints" / synth / "best.pth"
+    subprocess.run([sys.executable, "-m", "engine", "evaluate", "--checkpoint", str(weights), "--data", str(PLATES_REAL),
+                    "--split", "test", "--out", str(runs_dir / synth / "real-test")], cwd=ROOT, check=True)
+    real = ["--config", "configs/real_finetune_cpu.yaml", "--data", str(PLATES_REAL)]
+    fine_wall = _train(fine, real + ["--set", f"model.weights={weights}"], runs_dir)
+    epochs = yaml.safe_load((ROOT / "configs/real_finetune_cpu.yaml").read_text())["train"]["epochs"]
+    scratch_epochs = max(1, round(epochs * (synth_wall + fine_wall) / fine_wall))  # the same wall time in all
+    scratch_wall = _train(scratch, real + ["--set", "model.weights=none", "--set", "optim.lr=0.02",
+                                           "--set", f"train.epochs={scratch_epochs}"], runs_dir)
+    return [
+        (f"synthetic demo ({synth_wall / 60:.1f} min) on plates-real/test", _test_numbers(runs_dir / synth / "real-test"), cmd_text),
+        (f"synthetic + fine-tune on plates-real/train ({(synth_wall + fine_wall) / 60:.1f} min in all, {epochs} epochs)",
+         _test_numbers(runs_dir / fine / "test"), cmd_text),
+        (f"from scratch on plates-real/train ({scratch_wall / 60:.1f} min, {scratch_epochs} epochs)",
+         _test_numbers(runs_dir / scratch / "test"), cmd_text),
+    ]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["demo", "val", "gpu", "perf"], action="append")
+    ap.add_argument("--only", choices=["demo", "val", "gpu", "perf", "transfer"], action="append")
     ap.add_argument("--runs-dir", default="runs")
     ap.add_argument("--tb-steps", type=int, default=100_000,
                     help="perf: steps of the TensorBoard anchor run (written through the engine's writers)")
@@ -127,6 +175,8 @@ def main() -> int:
         rows += bench_val()
     if "demo" in only:
         rows += bench_demo(Path(args.runs_dir))
+    if "transfer" in only:
+        rows += bench_transfer(Path(args.runs_dir))
     if "gpu" in only:
         rows += bench_gpu(Path(args.runs_dir))
     if "perf" in only:
