@@ -42,6 +42,7 @@ META_FORMAT = "plate-detector-onnx/1"
 OPSET = 17
 BOX_TOLERANCE_PX = 1.0  # max |coordinate difference| between matched ONNX Runtime and PyTorch boxes
 SCORE_TOLERANCE = 1e-3  # max |score difference| between matched boxes
+TIE_EPSILON = 1e-6  # two different boxes whose scores are this close are a tie that NMS may break either way
 VERIFY_TOP_K = 20  # besides every box above the threshold, the K best boxes are compared
 VERIFY_DATA_IMAGES = 4  # photos taken from the checkpoint's test split, when it is on disk
 VERIFY_SYNTHETIC = ((320, 240), (240, 320))  # synthetic images always verified (landscape, portrait)
@@ -110,32 +111,24 @@ def _graph_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 # ----------------------------------------------------------------------------- comparing detections
-def compare_detections(ref_boxes: np.ndarray, ref_scores: np.ndarray, got_boxes: np.ndarray,
-                       got_scores: np.ndarray, threshold: float) -> dict:
-    """Match every reference box above `threshold` (and the VERIFY_TOP_K best) to a candidate box.
+def _score_ties(scores: np.ndarray) -> np.ndarray:
+    """Which scores equal (to TIE_EPSILON) another score of the same output."""
+    return (np.abs(scores[:, None] - scores[None, :]) <= TIE_EPSILON).sum(axis=1) > 1
 
-    Returns {"ok", "reason", "count_ref", "count_got", "compared", "max_box_px", "max_score_diff"}.
-    The counts at the threshold must agree, except for boxes whose score is within SCORE_TOLERANCE of it.
-    """
-    ref_boxes, got_boxes = np.asarray(ref_boxes).reshape(-1, 4), np.asarray(got_boxes).reshape(-1, 4)
-    ref_scores, got_scores = np.asarray(ref_scores).ravel(), np.asarray(got_scores).ravel()
-    count_ref, count_got = int((ref_scores >= threshold).sum()), int((got_scores >= threshold).sum())
-    low = int((ref_scores >= threshold + SCORE_TOLERANCE).sum())
-    high = int((ref_scores >= threshold - SCORE_TOLERANCE).sum())
-    out = {"ok": True, "reason": "", "count_ref": count_ref, "count_got": count_got, "compared": 0,
-           "max_box_px": 0.0, "max_score_diff": 0.0}
-    if not low <= count_got <= high:
-        out.update(ok=False, reason=f"{count_got} boxes at score >= {threshold} instead of {count_ref}")
-        return out
-    order = np.argsort(-ref_scores, kind="mergesort")
-    wanted = [i for rank, i in enumerate(order) if (ref_scores[i] >= threshold or rank < VERIFY_TOP_K)
-              and ref_scores[i] >= SCORE_FLOOR + SCORE_TOLERANCE]  # boxes at the floor may drop out either side
-    if wanted and not len(got_boxes):
-        out.update(ok=False, reason=f"no boxes where {len(wanted)} were expected")
-        return out
-    # closest pairs first: near-duplicate boxes of an untrained model must not steal each other's match
-    box_diff = np.abs(got_boxes[None, :, :] - ref_boxes[wanted][:, None, :]).max(axis=2)
-    score_diff = np.abs(got_scores[None, :] - ref_scores[wanted][:, None])
+
+def _tied_elsewhere(ref_boxes: np.ndarray, ref_scores: np.ndarray, got_boxes: np.ndarray,
+                    got_scores: np.ndarray) -> np.ndarray:
+    """Which reference boxes have a candidate box at another place with the same score (to TIE_EPSILON): the
+    sign that PyTorch's NMS kept one of two equal candidates and ONNX Runtime's the other."""
+    if not len(got_scores) or not len(ref_scores):
+        return np.zeros(len(ref_scores), dtype=bool)
+    elsewhere = np.abs(got_boxes[None, :, :] - ref_boxes[:, None, :]).max(axis=2) > BOX_TOLERANCE_PX
+    return ((np.abs(ref_scores[:, None] - got_scores[None, :]) <= TIE_EPSILON) & elsewhere).any(axis=1)
+
+
+def _closest_pairs(box_diff: np.ndarray, score_diff: np.ndarray) -> dict[int, int]:
+    """Greedy one-to-one matching, closest pairs first (near-duplicate boxes of an untrained model must not
+    steal each other's match); a pair needs both differences within the tolerances."""
     cost = np.where(score_diff <= SCORE_TOLERANCE, box_diff, np.inf)
     matched: dict[int, int] = {}
     used = set()
@@ -145,15 +138,55 @@ def compare_detections(ref_boxes: np.ndarray, ref_scores: np.ndarray, got_boxes:
             continue
         matched[r] = g
         used.add(g)
-    for r, i in enumerate(wanted):
-        if r not in matched:
-            g = int(np.argmin(box_diff[r]))
-            out.update(ok=False, reason=f"box {i} (score {ref_scores[i]:.4f}): nearest box differs by "
-                                        f"{box_diff[r, g]:.2f} px, score by {score_diff[r, g]:.4f}")
-            return out
-        out["max_box_px"] = max(out["max_box_px"], float(box_diff[r, matched[r]]))
-        out["max_score_diff"] = max(out["max_score_diff"], float(score_diff[r, matched[r]]))
-    out["compared"] = len(wanted)
+    return matched
+
+
+def compare_detections(ref_boxes: np.ndarray, ref_scores: np.ndarray, got_boxes: np.ndarray,
+                       got_scores: np.ndarray, threshold: float) -> dict:
+    """Match every reference box above `threshold` (and the VERIFY_TOP_K best) to a candidate box.
+
+    Returns {"ok", "reason", "count_ref", "count_got", "compared", "tied", "max_box_px", "max_score_diff"}.
+    The counts at the threshold must agree, except for boxes whose score is within SCORE_TOLERANCE of it.
+    Ties are not matched one by one, only counted: among equal scores, top-k and NMS may keep either box in
+    either runtime (an undertrained model on a flat image region gives dozens of them). A tie is a PyTorch
+    score shared by another PyTorch box, or an unmatched box whose exact score ONNX Runtime gives to a box at
+    another place; at most half of the compared boxes may be excused that way, so a systematic difference
+    (every box moved, scores kept) still fails.
+    """
+    ref_boxes, got_boxes = np.asarray(ref_boxes).reshape(-1, 4), np.asarray(got_boxes).reshape(-1, 4)
+    ref_scores, got_scores = np.asarray(ref_scores).ravel(), np.asarray(got_scores).ravel()
+    count_ref, count_got = int((ref_scores >= threshold).sum()), int((got_scores >= threshold).sum())
+    low = int((ref_scores >= threshold + SCORE_TOLERANCE).sum())
+    high = int((ref_scores >= threshold - SCORE_TOLERANCE).sum())
+    tied = _score_ties(ref_scores)
+    out = {"ok": True, "reason": "", "count_ref": count_ref, "count_got": count_got, "compared": 0,
+           "tied": int(tied.sum()), "max_box_px": 0.0, "max_score_diff": 0.0}
+    if not low <= count_got <= high:
+        out.update(ok=False, reason=f"{count_got} boxes at score >= {threshold} instead of {count_ref}")
+        return out
+    order = np.argsort(-ref_scores, kind="mergesort")
+    wanted = [i for rank, i in enumerate(order) if (ref_scores[i] >= threshold or rank < VERIFY_TOP_K)
+              and ref_scores[i] >= SCORE_FLOOR + SCORE_TOLERANCE  # boxes at the floor may drop out either side
+              and not tied[i]]
+    if wanted and not len(got_boxes):
+        out.update(ok=False, reason=f"no boxes where {len(wanted)} were expected")
+        return out
+    box_diff = np.abs(got_boxes[None, :, :] - ref_boxes[wanted][:, None, :]).max(axis=2)
+    score_diff = np.abs(got_scores[None, :] - ref_scores[wanted][:, None])
+    matched = _closest_pairs(box_diff, score_diff)
+    tied_elsewhere = _tied_elsewhere(ref_boxes[wanted], ref_scores[wanted], got_boxes, got_scores)
+    unmatched = [r for r in range(len(wanted)) if r not in matched]
+    failed = [r for r in unmatched if not tied_elsewhere[r]] or (unmatched if len(unmatched) * 2 > len(wanted) else [])
+    if failed:
+        r, i = failed[0], wanted[failed[0]]
+        g = int(np.argmin(box_diff[r]))
+        out.update(ok=False, reason=f"box {i} (score {ref_scores[i]:.4f}): nearest box differs by "
+                                    f"{box_diff[r, g]:.2f} px, score by {score_diff[r, g]:.4f}")
+        return out
+    for r, g in matched.items():
+        out["max_box_px"] = max(out["max_box_px"], float(box_diff[r, g]))
+        out["max_score_diff"] = max(out["max_score_diff"], float(score_diff[r, g]))
+    out.update(compared=len(matched), tied=out["tied"] + len(unmatched))
     return out
 
 

@@ -96,8 +96,10 @@ def test_compare_detections_tolerances():
     assert same["ok"] and same["compared"] == 3 and same["count_ref"] == same["count_got"] == 2
     shifted = boxes.copy()
     shifted[1, 2] += 1.5
-    moved = compare_detections(boxes, scores, shifted, scores, threshold=0.5)
+    moved = compare_detections(boxes, scores, shifted, scores + np.float32(1e-4), threshold=0.5)
     assert not moved["ok"] and "1.50 px" in moved["reason"]
+    all_moved = compare_detections(boxes, scores, boxes + 1.5, scores, threshold=0.5)  # scores kept exactly
+    assert not all_moved["ok"] and "1.50 px" in all_moved["reason"]
     fewer = compare_detections(boxes, scores, boxes[[0, 2]], scores[[0, 2]], threshold=0.5)
     assert not fewer["ok"] and "1 boxes at score >= 0.5 instead of 2" in fewer["reason"]
     rescored = compare_detections(boxes, scores, boxes, scores - np.float32(0.01), threshold=0.5)
@@ -105,6 +107,26 @@ def test_compare_detections_tolerances():
     # a score within the tolerance of the threshold may fall either side of it
     border = compare_detections(boxes, np.array([0.9, 0.5002, 0.2]), boxes, np.array([0.9, 0.4999, 0.2]), 0.5)
     assert border["ok"] and (border["count_ref"], border["count_got"]) == (2, 1)
+
+
+def test_compare_detections_leaves_the_choice_among_equal_scores_open():
+    boxes = np.array([[10, 10, 50, 30], [200, 10, 240, 30], [202, 12, 242, 32], [5, 5, 9, 9],
+                      [300, 50, 340, 70]], dtype=np.float32)
+    scores = np.array([0.9, 0.3, 0.3, 0.2, 0.1], dtype=np.float32)  # boxes 1 and 2: an exact tie in PyTorch's output
+    keep = [0, 2, 3, 4]  # ONNX Runtime's NMS kept box 2 and not box 1
+    both = compare_detections(boxes, scores, boxes[keep], scores[keep], threshold=0.5)
+    assert both["ok"] and both["tied"] == 2 and both["compared"] == 3
+    # PyTorch kept box 1 only, ONNX Runtime box 2 only, with the very same score: NMS broke a tie the other way
+    other = compare_detections(boxes[[0, 1, 3, 4]], scores[[0, 1, 3, 4]], boxes[keep], scores[keep], threshold=0.5)
+    assert other["ok"] and other["tied"] == 1 and other["compared"] == 3
+    # the same move with a score that differs (more than a tie, less than the tolerance) is a real difference
+    nudged = scores[keep].copy()
+    nudged[1] += np.float32(1e-4)
+    assert not compare_detections(boxes[[0, 1, 3, 4]], scores[[0, 1, 3, 4]], boxes[keep], nudged, 0.5)["ok"]
+    # more than half of the compared boxes moved, scores kept: a systematic difference, not NMS ties
+    moved = boxes[keep].copy()
+    moved[[0, 2], 0] += 3
+    assert not compare_detections(boxes, scores, moved, scores[keep], threshold=0.5)["ok"]
 
 
 def test_unverifiable_export_fails_in_one_line_and_leaves_nothing(checkpoint, tmp_path, monkeypatch, capsys):
