@@ -10,7 +10,7 @@ Evaluation   1,640 images x ~100k detections (boxes jittered from the real plate
 Predict      a 12-MP JPEG (a real photo upscaled, EXIF orientation 6) with the 800 model (weights
              none: speed does not depend on them): upload-to-boxes and a slider move vs the bare
              model forward on the decoded full-size image.
-Training     our loop (engine.train, tracking on, and with an in-memory recorder) vs
+Training     our loop (engine.train) with tracking on (JSONL, TensorBoard, status heartbeat, probes) and off, vs
              scripts/plain_loop.py over the same model, data and batch.
 """
 from __future__ import annotations
@@ -328,38 +328,52 @@ LOOP_SETTINGS = ["model.name=fasterrcnn_mobilenet_v3_large_320_fpn", "model.weig
                  "eval.probe_images=0", "train.log_every=1"]
 
 
-def _our_loop(cfg_settings: list, name: str, work: Path, silent: bool) -> tuple[float, float]:
-    """(images/s over steps 2.., data-wait fraction) of engine.train on the subset; `silent` swaps the
-    recorder for an in-memory one (no JSONL, no TensorBoard)."""
+class _MemoryWriter:
+    """A metrics writer that keeps records in a list (tracking off: no JSONL, no TensorBoard)."""
+
+    def __init__(self, kept: list):
+        self.kept = kept
+
+    def write(self, record):
+        self.kept.append(record)
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
+PROBES_ON = 4  # probe images per epoch with tracking on (the recipe's default is 8 over a 75-image split)
+
+
+def _our_loop(cfg_settings: list, name: str, work: Path, tracking: bool) -> dict:
+    """engine.train on the subset. tracking on: JSONL + TensorBoard + status.json heartbeat + PROBES_ON probe
+    images per epoch; off: an in-memory recorder, no status.json rewrites during training, no probes.
+    Returns images/s over steps 2.., the data-wait fraction and the wall time of the whole train() call."""
     import engine.train as train_mod
     from engine.config import load_config
 
     cfg = load_config(ROOT / "configs" / "demo_cpu.yaml", cfg_settings + [
-        f"run.runs_dir={work / 'runs'}", f"run.checkpoints_dir={work / 'ck'}"])
+        f"run.runs_dir={work / 'runs'}", f"run.checkpoints_dir={work / 'ck'}",
+        f"eval.probe_images={PROBES_ON if tracking else 0}"])
     kept: list = []
-
-    class Memory:
-        def write(self, record):
-            kept.append(record)
-
-        def flush(self):
-            pass
-
-        def close(self):
-            pass
-    original = train_mod.make_recorder
-    if silent:
-        train_mod.make_recorder = lambda *a, **k: MetricsRecorder([Memory()])
+    original = train_mod.make_recorder, runs.StatusWriter.heartbeat
+    if not tracking:
+        train_mod.make_recorder = lambda *a, **k: MetricsRecorder([_MemoryWriter(kept)])
+        runs.StatusWriter.heartbeat = lambda self, every=5.0, **fields: self.status.update(fields)
+    t0 = time.perf_counter()
     try:
         train_mod.train(cfg, name)
     finally:
-        train_mod.make_recorder = original
-    steps = kept if silent else runs.read_metrics(work / "runs" / name)[0]
+        train_mod.make_recorder, runs.StatusWriter.heartbeat = original
+    wall = time.perf_counter() - t0
+    steps = runs.read_metrics(work / "runs" / name)[0] if tracking else kept
     steps = [s for s in steps if s.get("type") == "step"]
     span = steps[-1]["time"] - steps[0]["time"]
     images = sum(cfg.train.batch_size for _ in steps[1:])
     wait = sum(s.get("data_time_s") or 0 for s in steps[1:]) / span
-    return images / span, wait
+    return {"ips": images / span, "wait": wait, "wall": wall, "steps": len(steps)}
 
 
 def _plain_loop(settings: list) -> float:
@@ -371,39 +385,41 @@ def _plain_loop(settings: list) -> float:
     return json.loads(out.stdout.strip().splitlines()[-1])["images_per_s"]
 
 
-def bench_loop(plates_real: Path, work: Path, n_train: int = 32, rounds: int = 2) -> list[Row]:
-    """Plain loop, our loop, our loop with an in-memory recorder, interleaved `rounds` times (medians):
-    on a shared machine the load drifts, interleaving spreads the drift over all three."""
+def _values(vals: list, fmt: str = ".2f") -> str:
+    return ", ".join(format(v, fmt) for v in vals)
+
+
+def bench_loop(plates_real: Path, work: Path, n_train: int = 32, rounds: int = 3) -> list[Row]:
+    """Plain loop, our loop with tracking on, our loop with tracking off, interleaved `rounds` times
+    (medians): on a shared machine the load drifts, interleaving spreads the drift over all three."""
     data = _subset(plates_real, work / "data", n_train)
-    settings = LOOP_SETTINGS + [f"data.root={data}"]
-    plain, ours, silent, waits, errors = [], [], [], [], []
+    settings = LOOP_SETTINGS + [f"data.root={data}", "eval.test_after_train=false"]
+    plain, on, off = [], [], []
     for i in range(rounds):
         plain.append(_plain_loop(settings))
-        ips, wait = _our_loop(settings, f"loop-tracked-{i}", work, silent=False)
-        ours.append(ips)
-        waits.append(wait)
-        try:
-            silent.append(_our_loop(settings, f"loop-silent-{i}", work, silent=True)[0])
-        except Exception as exc:  # the loop is being restructured: its recorder hook may move
-            errors.append(f"{type(exc).__name__}: {exc}")
-    p, o = statistics.median(plain), statistics.median(ours)
-    rows = [
+        on.append(_our_loop(settings, f"loop-tracked-{i}", work, tracking=True))
+        off.append(_our_loop(settings, f"loop-untracked-{i}", work, tracking=False))
+    p = statistics.median(plain)
+    o, f = (statistics.median(r["ips"] for r in rs) for rs in (on, off))
+    wall_on, wall_off = (statistics.median(r["wall"] for r in rs) for rs in (on, off))
+    steps, epoch_real = on[0]["steps"], (264 // 4) * 4 / o  # plates-real/train at batch 4, at our step rate
+    extra = wall_on - wall_off
+    return [
         (f"anchor: plain loop (scripts/plain_loop.py, torchvision reference shape), {n_train} real photos, batch 4, "
-         f"320 model, CPU, median of {rounds} interleaved rounds", f"{p:.2f} images/s ({', '.join(f'{v:.2f}' for v in plain)})", CMD),
-        ("our loop (engine.train, tracking on)",
-         f"{o:.2f} images/s ({', '.join(f'{v:.2f}' for v in ours)}); {o / p:.3f}x the plain loop", CMD),
-        ("our loop: fraction of step time waiting for data (num_workers 0)", f"{statistics.median(waits):.3f}", CMD),
+         f"320 model, CPU, median of {rounds} interleaved rounds", f"{p:.2f} images/s ({_values(plain)})", CMD),
+        ("our loop, tracking on (JSONL + TensorBoard + status heartbeat), images/s over steps 2..",
+         f"{o:.2f} images/s ({_values([r['ips'] for r in on])}); **{o / p:.3f}x** the plain loop", CMD),
+        ("our loop: fraction of step time waiting for data (num_workers 0)",
+         f"{statistics.median(r['wait'] for r in on):.3f}", CMD),
+        ("our loop, tracking off (in-memory recorder, no status.json rewrites, no probes), images/s over steps 2..",
+         f"{f:.2f} images/s ({_values([r['ips'] for r in off])}); tracking costs **{(f / o - 1) * 100:+.1f}%** "
+         f"of step time", CMD),
+        (f"whole train() call, 1 epoch of {steps} steps + validation of 2 photos: tracking on (with {PROBES_ON} "
+         f"probe images) vs off", f"{wall_on:.1f} s vs {wall_off:.1f} s ({_values([r['wall'] for r in on], '.1f')} / "
+         f"{_values([r['wall'] for r in off], '.1f')}): {extra:+.1f} s per epoch", CMD),
+        ("that per-epoch difference against one plates-real epoch (264 photos at batch 4) at our step rate",
+         f"{extra:+.1f} s of {epoch_real:.0f} s: {extra / epoch_real * 100:+.1f}%", CMD),
     ]
-    if silent:
-        s_ = statistics.median(silent)
-        rows.append(("our loop with an in-memory recorder (no JSONL/TensorBoard writes)",
-                     f"{s_:.2f} images/s ({', '.join(f'{v:.2f}' for v in silent)}); JSONL+TensorBoard overhead "
-                     f"{(s_ / o - 1) * 100:+.1f}%", CMD))
-    else:
-        rows.append(("TODO tracking overhead (tracking on vs a no-op recorder)", f"not measurable: {errors[0]}", CMD))
-    rows.append(("TODO tracking overhead incl. status heartbeat + probes, measured inside the loop",
-                 "needs the restructured loop's no-op recorder switch", CMD))
-    return rows
 
 
 def run(plates_real: Path, tb_steps: int = 100_000, parts=("live", "eval", "predict", "loop")) -> list[Row]:
