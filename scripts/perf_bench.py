@@ -56,16 +56,16 @@ def _step_scalars(step: int, loss: float) -> dict:
                 loss_rpn_box_reg=loss * 0.1, lr=0.01, grad_norm=1.5, images_per_s=30.0, data_time_s=0.01)
 
 
-def _line(step: int, t: float, loss: float) -> str:
+def _line(step: int, t: float, loss: float, steps_per_epoch: int = STEPS_PER_EPOCH) -> str:
     s = _step_scalars(step, loss)
-    return (f'{{"type": "step", "step": {step}, "epoch": {(step - 1) // STEPS_PER_EPOCH + 1}, "time": {t!r}, '
+    return (f'{{"type": "step", "step": {step}, "epoch": {(step - 1) // steps_per_epoch + 1}, "time": {t!r}, '
             f'"loss": {s["loss"]!r}, "loss_classifier": {s["loss_classifier"]!r}, "loss_box_reg": {s["loss_box_reg"]!r}, '
             f'"loss_objectness": {s["loss_objectness"]!r}, "loss_rpn_box_reg": {s["loss_rpn_box_reg"]!r}, "lr": 0.01, '
             f'"grad_norm": 1.5, "images_per_s": 30.0, "data_time_s": 0.01, "amp_scale": null, "gpu_mem_peak_mb": null}}\n')
 
 
-def write_run(run_dir: Path, n_steps: int, tensorboard: bool = False) -> None:
-    """A finished run folder with n_steps step records and an epoch record every STEPS_PER_EPOCH steps."""
+def write_run(run_dir: Path, n_steps: int, tensorboard: bool = False, steps_per_epoch: int = STEPS_PER_EPOCH) -> None:
+    """A run folder with n_steps step records and an epoch record every `steps_per_epoch` steps."""
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / runs.METRICS_FILE
     writers = [JsonlWriter(path)] + ([TensorBoardWriter(run_dir)] if tensorboard else [])
@@ -75,27 +75,28 @@ def write_run(run_dir: Path, n_steps: int, tensorboard: bool = False) -> None:
     t0 = time.time() - n_steps * 0.5
     if tensorboard:  # every record through the engine's writers (slow: TensorBoard)
         for step in range(1, n_steps + 1):
-            recorder.record_step(step, (step - 1) // STEPS_PER_EPOCH + 1, **_step_scalars(step, float(loss[step - 1])))
-            if step % STEPS_PER_EPOCH == 0:
-                recorder.record_epoch(step // STEPS_PER_EPOCH, step, train_loss=0.5, val_map50=0.8, val_map50_95=0.4,
+            recorder.record_step(step, (step - 1) // steps_per_epoch + 1, **_step_scalars(step, float(loss[step - 1])))
+            if step % steps_per_epoch == 0:
+                recorder.record_epoch(step // steps_per_epoch, step, train_loss=0.5, val_map50=0.8, val_map50_95=0.4,
                                       val_precision=0.9, val_recall=0.8, val_f1=0.85, lr=0.01, epoch_time_s=60.0)
         recorder.close()
     else:
         first = recorder.record_step(1, 1, **_step_scalars(1, float(loss[0])))
-        assert path.read_text() == _line(1, first["time"], first["loss"]), "bulk lines differ from the engine's"
+        assert path.read_text() == _line(1, first["time"], first["loss"], steps_per_epoch), \
+            "bulk lines differ from the engine's"
         with open(path, "a", encoding="utf-8") as fh:
             lines = []
             for step in range(2, n_steps + 1):
-                lines.append(_line(step, t0 + step * 0.5, float(loss[step - 1])))
-                if step % STEPS_PER_EPOCH == 0:
+                lines.append(_line(step, t0 + step * 0.5, float(loss[step - 1]), steps_per_epoch))
+                if step % steps_per_epoch == 0:
                     fh.write("".join(lines))
                     lines = []
                     fh.flush()
-                    recorder.record_epoch(step // STEPS_PER_EPOCH, step, train_loss=0.5, val_map50=0.8,
+                    recorder.record_epoch(step // steps_per_epoch, step, train_loss=0.5, val_map50=0.8,
                                           val_map50_95=0.4, val_precision=0.9, val_recall=0.8, val_f1=0.85,
                                           lr=0.01, epoch_time_s=60.0)
             fh.write("".join(lines))
-    runs.StatusWriter(run_dir).update(state="running", steps_per_epoch=STEPS_PER_EPOCH, epochs=50)
+    runs.StatusWriter(run_dir).update(state="running", steps_per_epoch=steps_per_epoch, epochs=50)
 
 
 def _append(run_dir: Path, first_step: int, n: int) -> None:
