@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from dashboard import charts, series
+from engine import runs
 
 MAX_TAILS = 16
 MAX_FIGURE_SETS = 8
+MIN_REBUILD_S = 1.0  # see LiveCache
 
 
 @dataclass(frozen=True)
@@ -56,13 +59,25 @@ def build_figures(tails: list, view: View) -> dict:
     return {k: charts.freeze(f, charts.TEMPLATE) if f.data else None for k, f in figs.items()}
 
 
-class LiveCache:
-    """Run tails and finished figure sets, least recently used dropped first; thread-safe."""
+def _all_live(tails: list) -> bool:
+    """Every run still writing: a run that ended gets its final figures at once, never a rate-limited set."""
+    return all(runs.effective_state(t.status) in runs.LIVE_STATES for t in tails)
 
-    def __init__(self, max_tails: int = MAX_TAILS, max_figure_sets: int = MAX_FIGURE_SETS):
-        self.max_tails, self.max_figure_sets = max_tails, max_figure_sets
+
+class LiveCache:
+    """Run tails and finished figure sets, least recently used dropped first; thread-safe.
+
+    A figure set is rebuilt when the runs it shows have new records, but at most once per
+    `min_rebuild_s` for the same runs and view: tabs refreshing at different moments would otherwise
+    each rebuild it (five tabs, five builds per refresh period), and those moments are under a
+    second apart. A tab may so show figures up to `min_rebuild_s` older than its header, only while every
+    run shown is alive."""
+
+    def __init__(self, max_tails: int = MAX_TAILS, max_figure_sets: int = MAX_FIGURE_SETS,
+                 min_rebuild_s: float = MIN_REBUILD_S):
+        self.max_tails, self.max_figure_sets, self.min_rebuild_s = max_tails, max_figure_sets, min_rebuild_s
         self._tails: OrderedDict = OrderedDict()
-        self._figures: OrderedDict = OrderedDict()
+        self._figures: OrderedDict = OrderedDict()  # (runs, view) -> (signatures, built at, figures)
         self._lock = threading.Lock()
 
     def tail(self, run_dir: Path) -> series.RunTail:
@@ -76,19 +91,22 @@ class LiveCache:
             return self._tails[key]
 
     def figures(self, tails: list, view: View) -> tuple[dict, bool]:
-        """(figures, rebuilt): the cached set when nothing the figures show has changed."""
+        """(figures, rebuilt): the cached set when nothing the figures show has changed, or when it
+        was built less than min_rebuild_s ago."""
         with contextlib.ExitStack() as held:  # no poll may change a buffer while it is drawn
             for t in sorted(set(tails), key=lambda t: str(t.run_dir)):
                 held.enter_context(t.lock)
-            key = (tuple(t.signature for t in tails), view)
+            key, signature = (tuple(str(t.run_dir) for t in tails), view), tuple(t.signature for t in tails)
             with self._lock:
                 cached = self._figures.get(key)
-                if cached is not None:
+                fresh_enough = time.monotonic() - cached[1] < self.min_rebuild_s and _all_live(tails) if cached else False
+                if cached is not None and (cached[0] == signature or fresh_enough):
                     self._figures.move_to_end(key)
-                    return cached, False
+                    return cached[2], False
             figs = build_figures(tails, view)
         with self._lock:
-            self._figures[key] = figs
+            self._figures[key] = (signature, time.monotonic(), figs)
+            self._figures.move_to_end(key)
             while len(self._figures) > self.max_figure_sets:
                 self._figures.popitem(last=False)
         return figs, True

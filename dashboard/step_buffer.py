@@ -23,7 +23,7 @@ import numpy as np
 
 from dashboard.metrics_columns import STEP_COLUMNS, Chunk
 
-MAX_BUCKETS = 2048
+MAX_BUCKETS = 512  # a half-page chart is about 600 px wide: more points cost every tab a slower redraw
 EMA_BLOCK = 128
 BUCKET_KEYS = ("loss", "loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg", "lr", "grad_norm",
                "images_per_s")  # the charted columns; others are bucketed on demand (window)

@@ -118,7 +118,7 @@ def bench_live(work: Path, tb_steps: int) -> list[Row]:
         run = work / f"live-{n}"
         write_run(run, n)
         size_mb = (run / runs.METRICS_FILE).stat().st_size / 2**20
-        cache = live_figures.LiveCache()
+        cache = live_figures.LiveCache(min_rebuild_s=0)  # every rebuild measured
         t0 = time.perf_counter()
         tail = cache.tail(run)
         tail.poll()

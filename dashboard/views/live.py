@@ -11,6 +11,7 @@ from engine import runs
 runs_dir = settings.runs_dir()
 TAILS = "_live_tails"
 CONFIG = {"displaylogo": False, "scrollZoom": False}
+FAST_S, SLOW_S = 3, 15  # refresh periods of the header + loss charts, and of everything else
 
 st.title("Live")
 names = runs.list_run_names(runs_dir)
@@ -128,18 +129,21 @@ def _loss_chart(fig, tails: list, view: live_figures.View) -> None:
         st.rerun()
 
 
-def _charts(tails: list, view: live_figures.View) -> None:
+ROWS = (("live_loss", "live_parts"), ("live_lr", "live_grad"), ("live_map", "live_prf"))
+
+
+def _charts(tails: list, view: live_figures.View, rows: tuple) -> None:
     figs, _ = _cache().figures(tails, view)
     captions = dict(live_figures.FIGURES)
-    left, right = st.columns(2)
-    with left:
-        _loss_chart(figs["live_loss"], tails, view)
-    for column, keys in ((left, ("live_lr", "live_map")), (right, ("live_parts", "live_grad", "live_prf"))):
-        with column:
-            for key in keys:
-                _chart(figs[key], key, captions[key])
+    for row in rows:
+        for column, key in zip(st.columns(2), row):
+            with column:
+                if key == "live_loss":
+                    _loss_chart(figs[key], tails, view)
+                else:
+                    _chart(figs[key], key, captions[key])
     widths = {t.buffer.width for t in tails if len(t.buffer)}
-    if view.step_range is None and max(widths, default=1) > 1:
+    if ROWS[0] in rows and view.step_range is None and max(widths, default=1) > 1:
         st.caption(f"Step curves: min–max band and mean per {max(widths):,} steps (red x: a NaN/inf was logged). "
                    "To see every record, draw a box on the loss chart with its box-select tool, or zoom to a "
                    "step range above.")
@@ -153,23 +157,33 @@ def _exports(t: series.RunTail) -> None:
                        mime="text/csv", on_click="ignore", key=f"live_csv_epochs_{t.name}", icon=":material/download:")
 
 
-def _render(chosen: list[str], view: live_figures.View) -> None:
+def _render_fast(chosen: list[str], view: live_figures.View) -> None:
+    """Every FAST_S while a run is alive: read the new records, the header and the loss charts."""
     tails = [_tail(n) for n in chosen]
     for t in tails:
         t.poll()
     for t in tails:
         _header(t)
-    ui.safe(_charts, tails, view)
+    ui.safe(_charts, tails, view, ROWS[:1])
+    alive_now = any(runs.effective_state(t.status) in runs.LIVE_STATES for t in tails)
+    if st.session_state.get("_live_alive") and not alive_now:
+        st.session_state["_live_alive"] = False
+        st.rerun()  # the runs ended: a full rerun drops the timers
+
+
+def _render_slow(chosen: list[str], view: live_figures.View) -> None:
+    """Every SLOW_S while a run is alive: the other charts, the exports and the train.log tail. Each
+    refresh of a chart costs every open tab a redraw; these change slowly or once per epoch."""
+    tails = [_tail(n) for n in chosen]
+    for t in tails:
+        t.poll()
+    ui.safe(_charts, tails, view, ROWS[1:])
     for t in tails:
         _exports(t)
     for t in tails:
         with st.expander(f"train.log — {t.name}", expanded=len(tails) == 1):
             text = series.log_tail(t.run_dir / runs.LOG_FILE, max_lines=40)
             st.code(text or "(train.log is empty)", language=None, wrap_lines=True)
-    alive_now = any(runs.effective_state(t.status) in runs.LIVE_STATES for t in tails)
-    if st.session_state.get("_live_alive") and not alive_now:
-        st.session_state["_live_alive"] = False
-        st.rerun()  # the runs ended: a full rerun drops the timer
 
 
 if not chosen:
@@ -178,6 +192,8 @@ if not chosen:
 alive = any(runs.effective_state(runs.read_status(runs.run_path(runs_dir, n))) in runs.LIVE_STATES for n in chosen)
 st.session_state["_live_alive"] = alive
 if alive:
-    st.caption("Refreshing every 3 s while a run is alive; zoom and pan are kept.")
+    st.caption(f"Refreshing while a run is alive: the header and loss charts every {FAST_S} s, the other charts and "
+               f"train.log every {SLOW_S} s; zoom and pan are kept.")
 view = live_figures.View(x_axis, round(float(smoothing), 4), bool(log_y), _step_range())
-st.fragment(_render, run_every="3s" if alive else None)(chosen, view)
+st.fragment(_render_fast, run_every=f"{FAST_S}s" if alive else None)(chosen, view)
+st.fragment(_render_slow, run_every=f"{SLOW_S}s" if alive else None)(chosen, view)
