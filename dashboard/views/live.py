@@ -129,14 +129,14 @@ def _loss_chart(fig, tails: list, view: live_figures.View) -> None:
         st.rerun()
 
 
-ROWS = (("live_loss", "live_parts"), ("live_lr", "live_grad"), ("live_map", "live_prf"))
+ROWS = (("live_loss",), ("live_parts", "live_grad"), ("live_map", "live_prf"), ("live_lr",))
 
 
 def _charts(tails: list, view: live_figures.View, rows: tuple) -> None:
     figs, _ = _cache().figures(tails, view)
     captions = dict(live_figures.FIGURES)
     for row in rows:
-        for column, key in zip(st.columns(2), row):
+        for column, key in zip(st.columns(2) if len(row) > 1 or row != ROWS[0] else [st.container()], row):
             with column:
                 if key == "live_loss":
                     _loss_chart(figs[key], tails, view)
@@ -158,7 +158,7 @@ def _exports(t: series.RunTail) -> None:
 
 
 def _render_fast(chosen: list[str], view: live_figures.View) -> None:
-    """Every FAST_S while a run is alive: read the new records, the header and the loss charts."""
+    """Every FAST_S while a run is alive: read the new records, the header and the loss chart."""
     tails = [_tail(n) for n in chosen]
     for t in tails:
         t.poll()
@@ -192,7 +192,7 @@ if not chosen:
 alive = any(runs.effective_state(runs.read_status(runs.run_path(runs_dir, n))) in runs.LIVE_STATES for n in chosen)
 st.session_state["_live_alive"] = alive
 if alive:
-    st.caption(f"Refreshing while a run is alive: the header and loss charts every {FAST_S} s, the other charts and "
+    st.caption(f"Refreshing while a run is alive: the header and loss chart every {FAST_S} s, the other charts and "
                f"train.log every {SLOW_S} s; zoom and pan are kept.")
 view = live_figures.View(x_axis, round(float(smoothing), 4), bool(log_y), _step_range())
 st.fragment(_render_fast, run_every=f"{FAST_S}s" if alive else None)(chosen, view)

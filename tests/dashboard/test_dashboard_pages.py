@@ -226,7 +226,7 @@ def test_live_page_running_run_with_half_written_line(all_states):
     assert at.get("progress") and at.get("plotly_chart")
     assert len(at.get("plotly_chart")) == 6
     assert any("Starting Training: half" in t for t in _texts(at, "code"))
-    assert any(t.startswith("Refreshing while a run is alive: the header and loss charts every 3 s") for t in _texts(at, "caption"))
+    assert any(t.startswith("Refreshing while a run is alive: the header and loss chart every 3 s") for t in _texts(at, "caption"))
     tails = at.session_state["_live_tails"]
     [tail] = tails.values()
     assert list(tail.buffer.column("step")) == [1, 2, 3, 4]  # the half line is not read

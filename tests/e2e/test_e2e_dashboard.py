@@ -187,7 +187,7 @@ def test_a_run_survives_a_dashboard_restart_and_stops_from_the_button(dash, serv
     dash.wait_for_function(
         "([t]) => [...document.querySelectorAll('p, div')].some(e => /^step \\d+\\/800$/.test(e.textContent) && e.textContent !== t)",
         arg=[first], timeout=120_000)
-    assert dash.get_by_text(re.compile("^Refreshing while a run is alive: the header and loss charts every 3 s")).first.is_visible()
+    assert dash.get_by_text(re.compile("^Refreshing while a run is alive: the header and loss chart every 3 s")).first.is_visible()
 
     goto(dash, server, "/", "Runs")
     select_option(dash, "Run", LONG)
