@@ -4,7 +4,7 @@
     .venv/bin/python scripts/benchmark.py --only val      # one validation pass over plates-real/valid
     .venv/bin/python scripts/benchmark.py --only demo     # the CPU demo, start to finish
     .venv/bin/python scripts/benchmark.py --only gpu      # the real recipe on plates-real (CUDA box)
-    .venv/bin/python scripts/benchmark.py --only perf     # issue 9: Live page, evaluation, Predict, loop
+    .venv/bin/python scripts/benchmark.py --only perf     # issue 9: Live page, evaluation, Predict, loop, browser tabs
     .venv/bin/python scripts/benchmark.py --only transfer # synthetic demo on real photos; fine-tune vs scratch
 
 demo: trains configs/demo_cpu.yaml as a real subprocess (exactly what the dashboard launches) and
@@ -17,7 +17,8 @@ transfer: trains the demo on a freshly generated synthetic set, evaluates it on 
 then configs/real_finetune_cpu.yaml from that checkpoint on plates-real/train, and the same config
 from scratch for the same wall time (synthetic + fine-tune); test mAP@0.5 of both.
 perf: every number of issue 9 next to its anchor measured in the same run (scripts/perf_bench.py
-      says what is measured and how); CPU heavy for several minutes.
+      says what is measured and how, scripts/browser_bench.py the browser rows); CPU heavy for about
+      15 minutes.
 """
 from __future__ import annotations
 

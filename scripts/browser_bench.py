@@ -204,18 +204,23 @@ def _tab_rows(dirs: dict, browser, url: str, args) -> tuple[list, Replayer]:
     ], replayer
 
 
-def main() -> None:
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tabs", type=int, default=5)
     ap.add_argument("--window-s", type=float, default=60.0)
     ap.add_argument("--samples", type=int, default=10)
     ap.add_argument("--visits", type=int, default=4)
     ap.add_argument("--pages-only", action="store_true", help="only the page idle times (no trainer, no tabs)")
-    args = ap.parse_args()
-    print(run(args))
+    return ap.parse_args(argv)
 
 
-def run(args) -> str:
+def main() -> None:
+    args = parse_args()
+    print(_table(measure(args)))
+
+
+def measure(args) -> list:
+    """The rows (what, value, command) of one measurement; `args` as main() parses them."""
     from playwright.sync_api import sync_playwright
 
     with tempfile.TemporaryDirectory(prefix="browser-bench-") as tmp:
@@ -232,7 +237,7 @@ def run(args) -> str:
                 if args.pages_only:
                     _stop(trainer)
                     runs.StatusWriter(dirs["dash_runs"] / LIVE).update(state="completed")
-                    return _table(_page_rows(browser, server.url, args.visits))
+                    return _page_rows(browser, server.url, args.visits)
                 _wait_for_steps(dirs["train_runs"] / "trainer", trainer, 5)
                 rows, replayer = _tab_rows(dirs, browser, server.url, args)
                 page = _open_live_tabs(browser, server.url, 1)[0]
@@ -250,7 +255,7 @@ def run(args) -> str:
         finally:
             _stop(trainer)
             server.stop()
-    return _table(rows)
+    return rows
 
 
 def _table(rows: list) -> str:

@@ -12,6 +12,8 @@ Predict      a 12-MP JPEG (a real photo upscaled, EXIF orientation 6) with the 8
              model forward on the decoded full-size image.
 Training     our loop (engine.train) with tracking on (JSONL, TensorBoard, status heartbeat, probes) and off, vs
              scripts/plain_loop.py over the same model, data and batch.
+Browser      scripts/browser_bench.py: five Chromium tabs on the Live page of a live 18k-step run next to
+             a real trainer, metric-to-screen, every page's time to idle (needs Chromium).
 """
 from __future__ import annotations
 
@@ -423,7 +425,7 @@ def bench_loop(plates_real: Path, work: Path, n_train: int = 32, rounds: int = 3
     ]
 
 
-def run(plates_real: Path, tb_steps: int = 100_000, parts=("live", "eval", "predict", "loop")) -> list[Row]:
+def run(plates_real: Path, tb_steps: int = 100_000, parts=("live", "eval", "predict", "loop", "browser")) -> list[Row]:
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="perf-bench-") as tmp:
         work = Path(tmp)
@@ -435,13 +437,15 @@ def run(plates_real: Path, tb_steps: int = 100_000, parts=("live", "eval", "pred
             rows += bench_predict(plates_real, work)
         if "loop" in parts:
             rows += bench_loop(plates_real, work)
-    rows.append(("Five browser tabs on a live 18k-step run; metric-to-screen in Chromium; page idle times",
-                 "not measured by this script (needs browsers next to a live run)", CMD))
+    if "browser" in parts:  # five tabs next to a real trainer, metric-to-screen, page idle (scripts/browser_bench.py)
+        import browser_bench
+
+        rows += browser_bench.measure(browser_bench.parse_args([]))
     return rows
 
 
 if __name__ == "__main__":  # a quick run of one part: python scripts/perf_bench.py live
     from benchmark import PLATES_REAL
 
-    for row in run(PLATES_REAL, tb_steps=int(os.environ.get("TB_STEPS", "100000")), parts=sys.argv[1:] or ("live", "eval", "predict", "loop")):
+    for row in run(PLATES_REAL, tb_steps=int(os.environ.get("TB_STEPS", "100000")), parts=sys.argv[1:] or ("live", "eval", "predict", "loop", "browser")):
         print(f"| {row[0]} | {row[1]} |")
