@@ -4,9 +4,9 @@ same model, data and batch as `python -m engine train`: the anchor for "our loop
     .venv/bin/python scripts/plain_loop.py --config configs/demo_cpu.yaml --set data.root=... [--set ...]
 
 It builds the model (engine.model.build_model), the train dataset (engine.data.PlateDataset with the
-config's augmentation) and an SGD optimizer exactly as the config says, runs one epoch with no
-tracking, no clipping, no checkpoints, and prints one JSON line: images/s over every step after the
-first (the first pays for warm-up), plus the step count.
+config's augmentation, in the order of engine train's first epoch) and an SGD optimizer exactly as the
+config says, runs one epoch with no tracking, no clipping, no checkpoints, and prints one JSON line:
+images/s over every step after the first (the first pays for warm-up), plus the step count.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from engine.build import make_train_sampler  # noqa: E402
 from engine.config import load_config  # noqa: E402
 from engine.data import PlateDataset, collate_fn, load_split  # noqa: E402
 from engine.model import build_model, resolve_device  # noqa: E402
@@ -57,8 +58,10 @@ def main() -> int:
     device = resolve_device(cfg.train.device)
     split = load_split(cfg.data.root, cfg.data.train_split)
     dataset = PlateDataset(split, train=True, augment=cfg.augment, limit=cfg.data.train_limit)
-    loader = DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True, num_workers=cfg.data.num_workers,
-                        collate_fn=collate_fn, pin_memory=device.type == "cuda")
+    # the same batches in the same order as engine train's first epoch: photos differ in cost, so
+    # different batches would make the two loops' step rates differ by more than the loops do
+    loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=make_train_sampler(dataset, cfg.run.seed, 1),
+                        num_workers=cfg.data.num_workers, collate_fn=collate_fn, pin_memory=device.type == "cuda")
     model = build_model(cfg).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
