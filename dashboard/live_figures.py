@@ -99,8 +99,8 @@ class LiveCache:
             key, signature = (tuple(str(t.run_dir) for t in tails), view), tuple(t.signature for t in tails)
             with self._lock:
                 cached = self._figures.get(key)
-                fresh_enough = time.monotonic() - cached[1] < self.min_rebuild_s and _all_live(tails) if cached else False
-                if cached is not None and (cached[0] == signature or fresh_enough):
+                if cached is not None and (cached[0] == signature or (
+                        time.monotonic() - cached[1] < self.min_rebuild_s and _all_live(tails))):
                     self._figures.move_to_end(key)
                     return cached[2], False
             figs = build_figures(tails, view)

@@ -136,7 +136,7 @@ def _charts(tails: list, view: live_figures.View, rows: tuple) -> None:
     figs, _ = _cache().figures(tails, view)
     captions = dict(live_figures.FIGURES)
     for row in rows:
-        for column, key in zip(st.columns(2) if len(row) > 1 or row != ROWS[0] else [st.container()], row):
+        for column, key in zip([st.container()] if row == ROWS[0] else st.columns(2), row):  # loss: full width
             with column:
                 if key == "live_loss":
                     _loss_chart(figs[key], tails, view)
