@@ -23,12 +23,12 @@ setup-dev: $(DEV) chromium
 
 ## Set up and start the dashboard on 127.0.0.1:$(PORT) (CPU demo preselected, synthetic data generated on first start)
 dashboard: setup
-	$(BIN)/python -m streamlit run dashboard/app.py --server.port $(PORT)
+	$(BIN)/python -m streamlit run dashboard/server.py --server.port $(PORT)
 
 ## Remote monitoring: binds all interfaces; refuses to start without DASHBOARD_PASSWORD
 dashboard-remote: setup
 	@test -n "$$DASHBOARD_PASSWORD" || { echo "error: set DASHBOARD_PASSWORD first (see docs/dashboard.md)"; exit 2; }
-	$(BIN)/python -m streamlit run dashboard/app.py --server.address 0.0.0.0 --server.port $(PORT)
+	$(BIN)/python -m streamlit run dashboard/server.py --server.address 0.0.0.0 --server.port $(PORT)
 
 ## Train the CPU demo from the shell (no browser)
 demo: setup

@@ -1,4 +1,4 @@
-"""Dashboard entry: `streamlit run dashboard/app.py` (page config, password gate, navigation)."""
+"""The Streamlit app (page config, password gate, navigation); served by dashboard/server.py."""
 from __future__ import annotations
 
 import sys

@@ -10,7 +10,7 @@ What runs (everything on this machine, nothing mocked):
   (scripts/perf_bench.write_run), kept live by appending step records through MetricsRecorder +
   JsonlWriter at RECORDS_PER_S (a GPU run's rate: 63 images/s at batch 16) with a status heartbeat;
 - a finished 50-epoch run of the same size beside it (state completed);
-- the dashboard (`streamlit run dashboard/app.py`) on those two runs, and headless Chromium.
+- the dashboard (`streamlit run dashboard/server.py`) on those two runs, and headless Chromium.
 
 Printed rows (markdown):
 1. training images/s with no tab, with N tabs on the Live page of the watched run, and with no tab
@@ -49,15 +49,17 @@ RECORDS_PER_S = 4.0
 LIVE, DONE = "recipe-live", "recipe-done"
 PAGES = (("/", "Runs", 0), ("/live", "Live", 6), ("/results", "Results", 0), ("/dataset", "Dataset", 0),
          ("/predict", "Predict", 0))
+# Plotly charts of the page and of its same-origin frames (the Live page's panel draws the step charts)
+PLOTS_JS = """[...document.querySelectorAll('.js-plotly-plot'), ...[...document.querySelectorAll('iframe')].flatMap(f => {
+    try { return [...f.contentDocument.querySelectorAll('.js-plotly-plot')]; } catch (e) { return []; } })]"""
 IDLE_JS = """([heading, charts]) => {
     const app = document.querySelector('.stApp');
     const h = [...document.querySelectorAll('h1')].some(e => e.textContent.trim() === heading);
-    return app && app.getAttribute('data-test-script-state') === 'notRunning' && h
-        && document.querySelectorAll('.js-plotly-plot').length >= charts;
-}"""
+    return app && app.getAttribute('data-test-script-state') === 'notRunning' && h && %s.length >= charts;
+}""" % PLOTS_JS
 # _fullData: the traces as Plotly drew them (gd.data holds the base64 typed-array spec Plotly.py 6 sends)
-SPIKE_JS = """(value) => [...document.querySelectorAll('.js-plotly-plot')].some(gd => (gd._fullData || []).some(
-    t => Array.from(t.y || []).some(y => y >= value)))"""
+SPIKE_JS = """(value) => %s.some(gd => (gd._fullData || []).some(
+    t => Array.from(t.y || []).some(y => y >= value)))""" % PLOTS_JS
 
 
 class Replayer(threading.Thread):
@@ -130,7 +132,7 @@ def _open_live_tabs(browser, url: str, n: int) -> list:
     for _ in range(n):
         page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
         page.goto(url + "/live")
-        page.wait_for_function(f"document.querySelectorAll('.js-plotly-plot').length >= 6", timeout=180_000)
+        page.wait_for_function(f"{PLOTS_JS}.length >= 6", timeout=180_000)
         pages.append(page)
     return pages
 

@@ -5,13 +5,14 @@ from typing import Optional
 
 import streamlit as st
 
-from dashboard import formatting as fmt, live_figures, ranks, series, settings, ui
+from dashboard import live_api, live_figures, ranks, series, settings, ui
+from dashboard.live_panel import live_panel
 from engine import runs
 
 runs_dir = settings.runs_dir()
 TAILS = "_live_tails"
 CONFIG = {"displaylogo": False, "scrollZoom": False}
-FAST_S, SLOW_S = 3, 15  # refresh periods of the header + loss charts, and of everything else
+FAST_S, SLOW_S = int(live_api.POLL_S), int(live_api.SLOW_POLL_S)  # header + loss, and everything else
 
 st.title("Live")
 names = runs.list_run_names(runs_dir)
@@ -39,10 +40,10 @@ with c3:
     log_y = st.toggle("log y", key="live_log")
 
 
-@st.cache_resource(show_spinner=False)
 def _cache() -> live_figures.LiveCache:
-    """Run tails and figures shared by every session: five tabs on a run read and draw it once."""
-    return live_figures.LiveCache()
+    """Run tails and figures shared by every session and by the live endpoint: five tabs on a run read
+    and draw it once."""
+    return live_api.shared_cache()
 
 
 def _tail(name: str) -> series.RunTail:
@@ -75,19 +76,11 @@ def _step_range() -> Optional[tuple]:
     return int(first), int(last) if last else 2**62
 
 
-def _header(t: series.RunTail) -> None:
-    h = series.header(t.status, t.buffer.last("images_per_s") if len(t.buffer) else None)
-    with st.container(border=True):
-        cols = st.columns([2, 1, 1, 1, 1.3])
-        cols[0].markdown(f"**{t.name}**  \n{fmt.state_badge(h.state)}")
-        cols[1].metric("epoch", h.epoch)
-        cols[2].metric("images/s", fmt.number(h.images_per_s, 1))
-        cols[3].metric("ETA", fmt.duration(h.eta_s) if h.eta_s is not None else "—")
-        cols[4].metric("since heartbeat", fmt.duration(h.heartbeat_age_s))
-        st.progress(h.progress, text=h.progress_text)
-        if t.status.get("error"):
-            st.error(t.status["error"])
-        _ranks(t, h.state)
+def _problems(t: series.RunTail) -> None:
+    """What the live panel does not show: the run's error in full and its processes (multi-GPU runs)."""
+    if t.status.get("error"):
+        st.error(f"{t.name}: {t.status['error']}")
+    _ranks(t, runs.effective_state(t.status))
 
 
 def _ranks(t: series.RunTail, state: str) -> None:
@@ -112,41 +105,35 @@ def _chart(fig, key: str, empty: str) -> None:
         st.caption(empty)
 
 
-def _loss_chart(fig, tails: list, view: live_figures.View) -> None:
-    """The loss chart; a box drawn with the box-select tool re-reads its steps at full resolution."""
-    if fig is None:
-        st.caption(dict(live_figures.FIGURES)["live_loss"])
+def _panel(chosen: list[str], view: live_figures.View) -> None:
+    """The header and the step-level charts: a component that polls the live endpoint (no rerun per refresh). A box
+    drawn on the loss chart with the box-select tool re-reads its steps at full resolution."""
+    shown = repr((chosen, view))
+    token = st.session_state.get("_live_token")
+    if st.session_state.get("_live_shown") != shown or token is None or not live_api.known(token):
+        st.session_state["_live_token"] = live_api.register([runs.run_path(runs_dir, n) for n in chosen], view)
+        st.session_state["_live_shown"] = shown
+    box = live_panel(st.session_state["_live_token"], len(chosen), key="live_panel")
+    if not box or st.session_state.get("_live_box_done") == box.get("n"):
         return
-    event = st.plotly_chart(fig, key="live_loss", config=CONFIG, on_select="rerun", selection_mode="box")
-    boxes = ((event or {}).get("selection") or {}).get("box") or []
-    if not boxes or st.session_state.get("_live_box_done") == repr(boxes):
-        return
-    st.session_state["_live_box_done"] = repr(boxes)
-    xs = boxes[-1].get("x") or []
-    picked = series.steps_in_x_range(tails[0], view.x_axis, xs[0], xs[-1]) if len(xs) >= 2 else None
+    st.session_state["_live_box_done"] = box.get("n")
+    xs = box.get("x") or []
+    picked = series.steps_in_x_range(_tail(chosen[0]), view.x_axis, xs[0], xs[-1]) if len(xs) >= 2 else None
     if picked:
         st.session_state[ZOOM_REQUEST] = picked
         st.rerun()
 
 
-ROWS = (("live_loss",), ("live_parts", "live_grad"), ("live_map", "live_prf"), ("live_lr",))
+ROWS = (("live_map", "live_prf"),)  # epoch-level; the step-level charts are in the panel (live_api.PANEL_FIGURES)
 
 
 def _charts(tails: list, view: live_figures.View, rows: tuple) -> None:
     figs, _ = _cache().figures(tails, view)
     captions = dict(live_figures.FIGURES)
     for row in rows:
-        for column, key in zip([st.container()] if row == ROWS[0] else st.columns(2), row):  # loss: full width
+        for column, key in zip(st.columns(2), row):
             with column:
-                if key == "live_loss":
-                    _loss_chart(figs[key], tails, view)
-                else:
-                    _chart(figs[key], key, captions[key])
-    widths = {t.buffer.width for t in tails if len(t.buffer)}
-    if ROWS[0] in rows and view.step_range is None and max(widths, default=1) > 1:
-        st.caption(f"Step curves: min–max band and mean per {max(widths):,} steps (red x: a NaN/inf was logged). "
-                   "To see every record, draw a box on the loss chart with its box-select tool, or zoom to a "
-                   "step range above.")
+                _chart(figs[key], key, captions[key])
 
 
 def _exports(t: series.RunTail) -> None:
@@ -157,33 +144,25 @@ def _exports(t: series.RunTail) -> None:
                        mime="text/csv", on_click="ignore", key=f"live_csv_epochs_{t.name}", icon=":material/download:")
 
 
-def _render_fast(chosen: list[str], view: live_figures.View) -> None:
-    """Every FAST_S while a run is alive: read the new records, the header and the loss chart."""
-    tails = [_tail(n) for n in chosen]
-    for t in tails:
-        t.poll()
-    for t in tails:
-        _header(t)
-    ui.safe(_charts, tails, view, ROWS[:1])
-    alive_now = any(runs.effective_state(t.status) in runs.LIVE_STATES for t in tails)
-    if st.session_state.get("_live_alive") and not alive_now:
-        st.session_state["_live_alive"] = False
-        st.rerun()  # the runs ended: a full rerun drops the timers
-
-
 def _render_slow(chosen: list[str], view: live_figures.View) -> None:
-    """Every SLOW_S while a run is alive: the other charts, the exports and the train.log tail. Each
-    refresh of a chart costs every open tab a redraw; these change slowly or once per epoch."""
+    """Every SLOW_S while a run is alive: errors and processes, the epoch-level charts, the exports and the
+    train.log tail. Each rerun costs every open tab about 70 ms of browser CPU, so the fast path is the panel."""
     tails = [_tail(n) for n in chosen]
     for t in tails:
         t.poll()
-    ui.safe(_charts, tails, view, ROWS[1:])
+    for t in tails:
+        _problems(t)
+    ui.safe(_charts, tails, view, ROWS)
     for t in tails:
         _exports(t)
     for t in tails:
         with st.expander(f"train.log — {t.name}", expanded=len(tails) == 1):
             text = series.log_tail(t.run_dir / runs.LOG_FILE, max_lines=40)
             st.code(text or "(train.log is empty)", language=None, wrap_lines=True)
+    alive_now = any(runs.effective_state(t.status) in runs.LIVE_STATES for t in tails)
+    if st.session_state.get("_live_alive") and not alive_now:
+        st.session_state["_live_alive"] = False
+        st.rerun()  # the runs ended: a full rerun drops the timer
 
 
 if not chosen:
@@ -193,7 +172,7 @@ alive = any(runs.effective_state(runs.read_status(runs.run_path(runs_dir, n))) i
 st.session_state["_live_alive"] = alive
 if alive:
     st.caption(f"Refreshing while a run is alive: the header and loss chart every {FAST_S} s, the other charts and "
-               f"train.log every {SLOW_S} s; zoom and pan are kept.")
+               f"train.log every {SLOW_S} s; zoom and pan are kept. A hidden tab pauses until it is shown.")
 view = live_figures.View(x_axis, round(float(smoothing), 4), bool(log_y), _step_range())
-st.fragment(_render_fast, run_every=f"{FAST_S}s" if alive else None)(chosen, view)
+_panel(chosen, view)
 st.fragment(_render_slow, run_every=f"{SLOW_S}s" if alive else None)(chosen, view)

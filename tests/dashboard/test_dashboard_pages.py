@@ -217,14 +217,26 @@ def _check_launched(at, run_dir):
 
 
 # ----------------------------------------------------------------------------- live
+def _panel(at) -> dict:
+    """What the Live page's panel component shows: the endpoint's answer for the token the page minted."""
+    from dashboard import live_api
+
+    assert len(at.get("component_instance")) == 1
+    return json.loads(live_api.payload(at.session_state["_live_token"]))
+
+
 def test_live_page_running_run_with_half_written_line(all_states):
+    from dashboard import live_api
+
     at = app_test("views/live.py")
     at.multiselect(key="live_runs").set_value(["half"]).run()
     assert not at.exception
-    metrics = {m.label: m.value for m in at.metric}
-    assert metrics["epoch"] == "1/5" and metrics["images/s"] == "3.2"
-    assert at.get("progress") and at.get("plotly_chart")
-    assert len(at.get("plotly_chart")) == 6
+    body = _panel(at)
+    (row,) = body["header"]
+    assert row["epoch"] == "1/5" and row["images_per_s"] == "3.2" and row["state"] == "running"
+    assert body["alive"] and 0 < row["progress"] < 1
+    assert [k for k, v in body["figures"].items() if v] == list(live_api.PANEL_FIGURES)
+    assert len(at.get("plotly_chart")) == 2  # the epoch-level charts: mAP, P/R/F1
     assert any("Starting Training: half" in t for t in _texts(at, "code"))
     assert any(t.startswith("Refreshing while a run is alive: the header and loss chart every 3 s") for t in _texts(at, "caption"))
     tails = at.session_state["_live_tails"]
@@ -238,7 +250,8 @@ def test_live_page_overlays_several_runs_and_stops_polling_for_ended_runs(all_st
     at.radio(key="live_x").set_value("wall time").run()
     at.toggle(key="live_log").set_value(True).run()
     assert not at.exception
-    assert len([m for m in at.metric if m.label == "epoch"]) == 2
+    body = _panel(at)
+    assert [r["name"] for r in body["header"]] == ["done", "other"] and not body["alive"]
     assert not any("Refreshing" in t for t in _texts(at, "caption"))
 
 
@@ -250,8 +263,8 @@ def test_live_page_zoom_rereads_a_step_range_and_offers_the_full_data(all_states
     assert at.number_input(key="live_zoom_from").value == 0 and at.number_input(key="live_zoom_to").value == 0
     at.number_input(key="live_zoom_from").set_value(3).run()
     at.number_input(key="live_zoom_to").set_value(6).run()
-    assert not at.exception and len(at.get("plotly_chart")) == 6
-    loss = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert not at.exception and len(at.get("plotly_chart")) == 2
+    loss = _panel(at)["figures"]["live_loss"]["figure"]
     xs = loss["data"][0]["x"]  # plotly sends numpy arrays as base64 typed arrays
     xs = np.frombuffer(base64.b64decode(xs["bdata"]), dtype=xs["dtype"]) if isinstance(xs, dict) else xs
     assert list(xs) == [3, 4, 5, 6]  # the four steps of the range, every record
@@ -263,8 +276,8 @@ def test_live_page_crashed_and_failed_runs(all_states):
     at = app_test("views/live.py")
     at.multiselect(key="live_runs").set_value(["dead", "bad"]).run()
     assert not at.exception
-    text = _all_text(at)
-    assert "crashed" in text and "failed" in text and "DatasetError" in text
+    assert [r["state"] for r in _panel(at)["header"]] == ["crashed", "failed"]
+    assert "DatasetError" in _all_text(at)
 
 
 # ----------------------------------------------------------------------------- results

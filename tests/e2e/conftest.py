@@ -1,4 +1,4 @@
-"""End-to-end fixtures: a real `streamlit run dashboard/app.py` server and headless Chromium.
+"""End-to-end fixtures: a real `streamlit run dashboard/server.py` server and headless Chromium.
 
 The server gets its own runs/, checkpoints/ and configs/ folders in a temporary directory
 (PLATES_RUNS_DIR, PLATES_CHECKPOINTS_DIR, PLATES_CONFIGS_DIR), and a tiny copy of plates-real.
@@ -64,7 +64,7 @@ class Server:
     def start(self, timeout: float = 90) -> None:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "streamlit", "run", str(ROOT / "dashboard" / "app.py"),
+                [sys.executable, "-m", "streamlit", "run", str(ROOT / "dashboard" / "server.py"),
                  "--server.port", str(self.port), "--server.address", self.address, "--server.headless", "true"],
                 cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         end = time.time() + timeout

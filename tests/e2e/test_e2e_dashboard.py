@@ -58,6 +58,15 @@ def wait_charts(page, count: int, timeout: float = 60_000) -> None:
     page.wait_for_timeout(1000)
 
 
+def live_panel(page, charts: int = 4, timeout: float = 60_000):
+    """The Live page's panel (an iframe that polls the dashboard's live endpoint), once it drew `charts` charts."""
+    page.locator('iframe[src*="live_panel"]').first.wait_for(timeout=timeout)
+    page.wait_for_function("() => [...document.querySelectorAll('iframe')].some(f => f.contentDocument?.readyState === 'complete' && f.contentWindow.location.href.includes('live_panel'))", timeout=timeout)
+    frame = next(f for f in page.frames if "live_panel" in f.url)
+    frame.wait_for_function(f"document.querySelectorAll('.js-plotly-plot').length >= {charts}", timeout=timeout)
+    return frame
+
+
 def start_from_form(page, config: str, name: str) -> None:
     select_option(page, "Config", config)
     page.wait_for_function("([c]) => document.querySelector('input[aria-label=\"Run name\"]')?.value.startsWith(c)",
@@ -96,8 +105,10 @@ def test_start_a_tiny_run_from_the_form_and_watch_it_complete(dash, server, e2e_
     snap(dash, shots / "runs.png")
 
     goto(dash, server, "/live", "Live")
-    wait_charts(dash, 6)
-    lines = dash.locator(".js-plotly-plot .scatterlayer .trace path.js-line")
+    wait_charts(dash, 2)  # the epoch-level charts; the step-level ones are drawn by the live panel
+    panel = live_panel(dash)
+    assert panel.get_by_text("completed").first.is_visible()
+    lines = panel.locator(".js-plotly-plot .scatterlayer .trace path.js-line")
     assert lines.count() > 0
     d = lines.first.get_attribute("d") or ""
     assert d.count("L") >= 2, d  # a drawn curve, not a single point
@@ -181,10 +192,11 @@ def test_a_run_survives_a_dashboard_restart_and_stops_from_the_button(dash, serv
     assert runs.pid_alive(pid), "restarting the dashboard stopped the training run"
 
     goto(dash, server, "/live", "Live")  # the restarted dashboard follows the run live
-    progress = dash.get_by_text(re.compile(r"^step \d+/800$")).first
+    panel = live_panel(dash, charts=1, timeout=120_000)
+    progress = panel.get_by_text(re.compile(r"^step \d+/800$")).first
     progress.wait_for(timeout=60_000)
     first = progress.inner_text()
-    dash.wait_for_function(
+    panel.wait_for_function(
         "([t]) => [...document.querySelectorAll('p, div')].some(e => /^step \\d+\\/800$/.test(e.textContent) && e.textContent !== t)",
         arg=[first], timeout=120_000)
     assert dash.get_by_text(re.compile("^Refreshing while a run is alive: the header and loss chart every 3 s")).first.is_visible()
