@@ -41,7 +41,7 @@ import perf_bench  # noqa: E402
 from engine import runs  # noqa: E402
 from engine.tracking import JsonlWriter, MetricsRecorder  # noqa: E402
 from tests.conftest import PLATES_REAL  # noqa: E402
-from tests.e2e.conftest import CHROMIUM, CHROMIUM_ARGS, Server, free_port  # noqa: E402
+from tests.e2e.conftest import CHROMIUM, CHROMIUM_ARGS, PLOTS_JS, Server, free_port  # noqa: E402
 
 CMD = "scripts/browser_bench.py"
 HISTORY_STEPS = 18_000  # a 50-epoch run of the recipe: 5,756 images / batch 16 x 50
@@ -49,9 +49,6 @@ RECORDS_PER_S = 4.0
 LIVE, DONE = "recipe-live", "recipe-done"
 PAGES = (("/", "Runs", 0), ("/live", "Live", 6), ("/results", "Results", 0), ("/dataset", "Dataset", 0),
          ("/predict", "Predict", 0))
-# Plotly charts of the page and of its same-origin frames (the Live page's panel draws the step charts)
-PLOTS_JS = """[...document.querySelectorAll('.js-plotly-plot'), ...[...document.querySelectorAll('iframe')].flatMap(f => {
-    try { return [...f.contentDocument.querySelectorAll('.js-plotly-plot')]; } catch (e) { return []; } })]"""
 IDLE_JS = """([heading, charts]) => {
     const app = document.querySelector('.stApp');
     const h = [...document.querySelectorAll('h1')].some(e => e.textContent.trim() === heading);

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.conftest import PLATES_REAL  # noqa: E402  (one place finds the real dataset)
-from tests.e2e.conftest import CHROMIUM, CHROMIUM_ARGS, Server, free_port, snap  # noqa: E402
+from tests.e2e.conftest import CHROMIUM, CHROMIUM_ARGS, PLOTS_JS, Server, free_port, snap  # noqa: E402
 
 PAGES = (("/", "Runs", 0), ("/live", "Live", 6), ("/results", "Results", 1), ("/dataset", "Dataset", 3),
          ("/predict", "Predict", 0))
@@ -35,7 +35,7 @@ def _shoot(page, url: str, out: Path, run: str | None, images: list[str]) -> Non
             page.get_by_role("combobox", name="Run", exact=True).first.click()
             page.get_by_role("option", name=run, exact=True).click()
         if charts:
-            page.wait_for_function(f"document.querySelectorAll('.js-plotly-plot').length >= {charts}", timeout=120_000)
+            page.wait_for_function(f"{PLOTS_JS}.length >= {charts}", timeout=120_000)
         if path == "/predict":
             page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(images[:2])
             page.get_by_text(re.compile(r"plate\(s\) ≥")).nth(1).wait_for(timeout=120_000)

@@ -24,6 +24,9 @@ CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-quic", "--no-first-run", "--disable-component-update", "--disable-sync"]
 IMG_DIR = ROOT / "docs" / "img"
+# Plotly charts of a page and of its same-origin frames (the Live page's panel draws the step charts)
+PLOTS_JS = """[...document.querySelectorAll('.js-plotly-plot'), ...[...document.querySelectorAll('iframe')].flatMap(f => {
+    try { return [...f.contentDocument.querySelectorAll('.js-plotly-plot')]; } catch (e) { return []; } })]"""
 
 
 def pytest_configure(config):

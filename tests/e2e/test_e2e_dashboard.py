@@ -115,6 +115,13 @@ def test_start_a_tiny_run_from_the_form_and_watch_it_complete(dash, server, e2e_
     no_exception(dash)
     snap(dash, shots / "live.png")
 
+    # a box drawn on the loss chart (its select event, as Plotly emits it) zooms the page to those steps
+    panel.evaluate("() => document.getElementById('live_loss').emit('plotly_selected', {range: {x: [2.6, 6.4]}})")
+    first = dash.get_by_role("spinbutton", name="first step")
+    first.wait_for(timeout=30_000)
+    assert (first.input_value(), dash.get_by_role("spinbutton", name="last step").input_value()) == ("3", "6")
+    no_exception(dash)
+
 
 def test_evaluate_from_the_results_page(dash, server, e2e_dirs, shots):
     shutil.rmtree(e2e_dirs["runs"] / TINY / "test", ignore_errors=True)  # the trainer may have evaluated already
