@@ -4,7 +4,7 @@ Why: every Streamlit rerun costs each open tab about 70 ms of browser CPU even w
 page changes (measured: an empty fragment rerun, 3 tabs, scripts/browser_bench.py), and a Plotly
 chart whose data changed is unmounted and drawn anew (Streamlit hashes the figure into the element's
 id). Five tabs refreshing every 3 s on the training machine took a third of its CPU. The header and
-the loss chart are instead drawn by one small component (dashboard/live_panel) that fetches
+the six charts are instead drawn by one small component (dashboard/live_panel) that fetches
 `/api/live/<token>` every few seconds and updates its chart in place (Plotly.react).
 
 A token names what one Live page shows (run folders + view) and is minted for a session that has
@@ -28,7 +28,7 @@ from engine import runs
 TOKEN_TTL_S = 15 * 60
 MAX_TOKENS = 512
 POLL_S = 3.0  # how often an open tab asks for the header and loss chart while a run is alive
-SLOW_POLL_S = 15.0  # and for the other step-level charts
+SLOW_POLL_S = 15.0  # and for the other charts
 
 
 @dataclass
@@ -84,12 +84,12 @@ def _header_row(t: series.RunTail) -> dict:
     }
 
 
-PANEL_FIGURES = ("live_loss", "live_parts", "live_grad", "live_lr")  # the step-level charts the panel draws
+PANEL_FIGURES = ("live_loss", "live_parts", "live_grad", "live_map", "live_prf", "live_lr")  # the panel draws all six
 FAST_FIGURES = ("live_loss",)  # asked for on every poll; the others on every `slow` poll
 
 
 def payload(token: str, slow: bool = True) -> Optional[str]:
-    """The JSON the panel draws: header rows, the step-level figures (each with a version: the same
+    """The JSON the panel draws: header rows, the six figures (each with a version: the same
     version is not drawn again) and whether to keep polling. `slow=False` sends the loss chart only.
     None for an unknown or expired token."""
     with _lock:

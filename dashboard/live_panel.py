@@ -1,4 +1,4 @@
-"""The Live page's header and step-level charts as one component that polls the dashboard's JSON endpoint.
+"""The Live page's header and charts as one component that polls the dashboard's JSON endpoint.
 
 Layout only: what it shows comes from dashboard/live_api.py; components/live_panel/index.html draws it."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import streamlit.components.v1 as components
 
 _component = components.declare_component("live_panel", path=str(Path(__file__).parent / "components" / "live_panel"))
 
-RUN_HEIGHT, CHARTS_HEIGHT = 150, 1100
+RUN_HEIGHT, CHARTS_HEIGHT = 150, 1500
 
 
 def live_panel(token: str, runs: int, key: str) -> Optional[dict]:

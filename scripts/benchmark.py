@@ -15,7 +15,8 @@ recipe's model at the recipe's test size, weights none (speed does not depend on
 gpu:  a short run of the recipe on plates-real on CUDA: images/s and seconds per epoch.
 transfer: trains the demo on a freshly generated synthetic set, evaluates it on plates-real/test;
 then configs/real_finetune_cpu.yaml from that checkpoint on plates-real/train, and the same config
-from scratch for the same wall time (synthetic + fine-tune); test mAP@0.5 of both.
+from scratch for the same wall time (synthetic + fine-tune); test mAP@0.5 of both; then
+      tests/e2e/test_e2e_recipe_photo.py on the fine-tuned model (a real test photo in Chromium).
 perf: every number of issue 9 next to its anchor measured in the same run (scripts/perf_bench.py
       says what is measured and how, scripts/browser_bench.py the browser rows); CPU heavy for about
       15 minutes.
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -154,13 +156,26 @@ def bench_transfer(runs_dir: Path) -> list[tuple[str, str, str]]:
     scratch_epochs = max(1, round(epochs * (synth_wall + fine_wall) / fine_wall))  # the same wall time in all
     scratch_wall = _train(scratch, real + ["--set", "model.weights=none", "--set", "optim.lr=0.02",
                                            "--set", f"train.epochs={scratch_epochs}"], runs_dir)
+    browser = _recipe_photo_in_browser(ROOT / "checkpoints" / fine / "best.pth")
     return [
         (f"synthetic demo ({synth_wall / 60:.1f} min) on plates-real/test", _test_numbers(runs_dir / synth / "real-test"), cmd_text),
         (f"synthetic + fine-tune on plates-real/train ({(synth_wall + fine_wall) / 60:.1f} min in all, {epochs} epochs)",
          _test_numbers(runs_dir / fine / "test"), cmd_text),
         (f"from scratch on plates-real/train ({scratch_wall / 60:.1f} min, {scratch_epochs} epochs)",
          _test_numbers(runs_dir / scratch / "test"), cmd_text),
+        ("Chromium: a plates-real test photo uploaded on the Predict page to the fine-tuned model shows a box "
+         "on its labelled plate (IoU >= 0.5)", browser, "PLATES_RECIPE_CHECKPOINT=... pytest tests/e2e/test_e2e_recipe_photo.py"),
     ]
+
+
+def _recipe_photo_in_browser(checkpoint: Path) -> str:
+    """Issue 11's browser check on the model the real-photo recipe just trained (tests/e2e/test_e2e_recipe_photo.py)."""
+    env = dict(os.environ, PLATES_RECIPE_CHECKPOINT=str(checkpoint))
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
+                          "tests/e2e/test_e2e_recipe_photo.py"], cwd=ROOT, env=env, capture_output=True, text=True)
+    found = re.search(r"recipe model: (\d+ of \d+ test photos[^\n]*)", res.stdout)
+    verdict = "passed" if res.returncode == 0 else f"FAILED (pytest exit {res.returncode})"
+    return verdict + (f"; {found.group(1)}" if found else "")
 
 
 def main() -> int:

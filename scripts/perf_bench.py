@@ -108,7 +108,7 @@ def _append(run_dir: Path, first_step: int, n: int) -> None:
 
 # ----------------------------------------------------------------------------- live page
 def bench_live(work: Path, tb_steps: int) -> list[Row]:
-    from dashboard import live_figures, series
+    from dashboard import live_api, live_figures, series
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     import pandas as pd
     import plotly.io as pio
@@ -151,6 +151,9 @@ def bench_live(work: Path, tb_steps: int) -> list[Row]:
                 if f is not None:
                     pio.to_json(f.to_dict(), validate=False)
         idle = _median_time(idle_refresh, 20)
+        token = live_api.register([run], view)
+        live_api.payload(token)  # the endpoint's own cache reads the run and builds its figures once
+        endpoint = {slow: _median_time(lambda: live_api.payload(token, slow), 20) for slow in (False, True)}
         label = f"{n:,} steps ({size_mb:.0f} MB)"
         rows.append((f"Live, {label}: first load (read + columns + buckets)", _ms(load), CMD))
         rows.append((f"Live, {label}: first build of the six figures (EMA of every column)", _ms(first_figs), CMD))
@@ -158,6 +161,8 @@ def bench_live(work: Path, tb_steps: int) -> list[Row]:
         rows.append((f"Live, {label}: rebuilding the six figures after new records", _ms(statistics.median(builds)), CMD))
         rows.append((f"Live, {label}: figure JSON per refresh", f"{statistics.median(sizes) / 1e6:.2f} MB", CMD))
         rows.append((f"Live, {label}: a refresh with no new record (poll + cached figures + JSON)", _ms(idle), CMD))
+        rows.append((f"Live, {label}: the live endpoint's answer with no new record (3-s poll / 15-s poll)",
+                     f"{_ms(endpoint[False])} / {_ms(endpoint[True])}", CMD))
         if n == 100_000:
             t0 = time.perf_counter()
             pd.read_json(run / runs.METRICS_FILE, lines=True)

@@ -11,7 +11,6 @@ from engine import runs
 
 runs_dir = settings.runs_dir()
 TAILS = "_live_tails"
-CONFIG = {"displaylogo": False, "scrollZoom": False}
 FAST_S, SLOW_S = int(live_api.POLL_S), int(live_api.SLOW_POLL_S)  # header + loss, and everything else
 
 st.title("Live")
@@ -98,15 +97,8 @@ def _ranks(t: series.RunTail, state: str) -> None:
         st.dataframe(rows, hide_index=True, width="stretch")
 
 
-def _chart(fig, key: str, empty: str) -> None:
-    if fig is not None:
-        st.plotly_chart(fig, key=key, config=CONFIG)
-    else:
-        st.caption(empty)
-
-
 def _panel(chosen: list[str], view: live_figures.View) -> None:
-    """The header and the step-level charts: a component that polls the live endpoint (no rerun per refresh). A box
+    """The header and the six charts: a component that polls the live endpoint (no rerun per refresh). A box
     drawn on the loss chart with the box-select tool re-reads its steps at full resolution."""
     shown = repr((chosen, view))
     token = st.session_state.get("_live_token")
@@ -124,18 +116,6 @@ def _panel(chosen: list[str], view: live_figures.View) -> None:
         st.rerun()
 
 
-ROWS = (("live_map", "live_prf"),)  # epoch-level; the step-level charts are in the panel (live_api.PANEL_FIGURES)
-
-
-def _charts(tails: list, view: live_figures.View, rows: tuple) -> None:
-    figs, _ = _cache().figures(tails, view)
-    captions = dict(live_figures.FIGURES)
-    for row in rows:
-        for column, key in zip(st.columns(2), row):
-            with column:
-                _chart(figs[key], key, captions[key])
-
-
 def _exports(t: series.RunTail) -> None:
     c1, c2, _ = st.columns([1, 1, 3])
     c1.download_button("Export full data: steps (CSV)", lambda: series.step_csv(t), f"{t.name}_steps.csv",
@@ -145,14 +125,13 @@ def _exports(t: series.RunTail) -> None:
 
 
 def _render_slow(chosen: list[str], view: live_figures.View) -> None:
-    """Every SLOW_S while a run is alive: errors and processes, the epoch-level charts, the exports and the
-    train.log tail. Each rerun costs every open tab about 70 ms of browser CPU, so the fast path is the panel."""
+    """Every SLOW_S while a run is alive: errors and processes, the exports and the train.log tail. Each
+    rerun costs every open tab about 70 ms of browser CPU, so the charts are in the panel."""
     tails = [_tail(n) for n in chosen]
     for t in tails:
         t.poll()
     for t in tails:
         _problems(t)
-    ui.safe(_charts, tails, view, ROWS)
     for t in tails:
         _exports(t)
     for t in tails:

@@ -58,7 +58,7 @@ def wait_charts(page, count: int, timeout: float = 60_000) -> None:
     page.wait_for_timeout(1000)
 
 
-def live_panel(page, charts: int = 4, timeout: float = 60_000):
+def live_panel(page, charts: int = 6, timeout: float = 60_000):
     """The Live page's panel (an iframe that polls the dashboard's live endpoint), once it drew `charts` charts."""
     page.locator('iframe[src*="live_panel"]').first.wait_for(timeout=timeout)
     page.wait_for_function("() => [...document.querySelectorAll('iframe')].some(f => f.contentDocument?.readyState === 'complete' && f.contentWindow.location.href.includes('live_panel'))", timeout=timeout)
@@ -105,8 +105,7 @@ def test_start_a_tiny_run_from_the_form_and_watch_it_complete(dash, server, e2e_
     snap(dash, shots / "runs.png")
 
     goto(dash, server, "/live", "Live")
-    wait_charts(dash, 2)  # the epoch-level charts; the step-level ones are drawn by the live panel
-    panel = live_panel(dash)
+    panel = live_panel(dash)  # the six charts are drawn by the live panel
     assert panel.get_by_text("completed").first.is_visible()
     lines = panel.locator(".js-plotly-plot .scatterlayer .trace path.js-line")
     assert lines.count() > 0
