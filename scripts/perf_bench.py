@@ -162,7 +162,7 @@ def bench_live(work: Path, tb_steps: int) -> list[Row]:
         rows.append((f"Live, {label}: figure JSON per refresh", f"{statistics.median(sizes) / 1e6:.2f} MB", CMD))
         rows.append((f"Live, {label}: a refresh with no new record (poll + cached figures + JSON)", _ms(idle), CMD))
         rows.append((f"Live, {label}: the live endpoint's answer with no new record (3-s poll / 15-s poll)",
-                     f"{_ms(endpoint[False])} / {_ms(endpoint[True])}", CMD))
+                     f"{endpoint[False] * 1000:.2f} ms / {endpoint[True] * 1000:.2f} ms", CMD))
         if n == 100_000:
             t0 = time.perf_counter()
             pd.read_json(run / runs.METRICS_FILE, lines=True)
