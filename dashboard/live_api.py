@@ -1,11 +1,12 @@
 """The Live page's fast path: a JSON endpoint that an open tab polls instead of rerunning the page.
 
 Why: every Streamlit rerun costs each open tab about 70 ms of browser CPU even when nothing on the
-page changes (measured: an empty fragment rerun, 3 tabs, scripts/browser_bench.py), and a Plotly
-chart whose data changed is unmounted and drawn anew (Streamlit hashes the figure into the element's
-id). Five tabs refreshing every 3 s on the training machine took a third of its CPU. The header and
-the six charts are instead drawn by one small component (dashboard/live_panel) that fetches
-`/api/live/<token>` every few seconds and updates its chart in place (Plotly.react).
+page changes (scripts/tab_cpu.py on a page whose 3-s fragment drew nothing: 3 tabs, 0.06-0.075
+cores), and a Plotly chart whose data changed is unmounted and drawn anew (Streamlit hashes the
+figure into the element's id). Five tabs refreshing every 3 s on the training machine took a third
+of its CPU. The header and the six charts are instead drawn by one small component
+(dashboard/live_panel) that fetches `/api/live/<token>` every few seconds and updates its charts in
+place (Plotly.react).
 
 A token names what one Live page shows (run folders + view) and is minted for a session that has
 passed the password gate; the endpoint answers only known tokens, so it is no wider than the page.
@@ -49,15 +50,14 @@ def shared_cache() -> live_figures.LiveCache:
 
 
 def register(run_dirs: list, view: live_figures.View) -> str:
-    """A token for these runs and view (the same one while a session keeps showing them)."""
-    key = (tuple(str(d) for d in run_dirs), view)
+    """A new token for these runs and view; the Live page keeps it while it shows them."""
     now = time.monotonic()
     with _lock:
         for token, watch in list(_watches.items()):
             if now - watch.used_at > TOKEN_TTL_S:
                 del _watches[token]
         token = secrets.token_urlsafe(18)
-        _watches[token] = Watch(key[0], view, now)
+        _watches[token] = Watch(tuple(str(d) for d in run_dirs), view, now)
         while len(_watches) > MAX_TOKENS:
             del _watches[next(iter(_watches))]
     return token

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import os
+import urllib.error
+import urllib.request
 
 import pytest
 
+from tests.dashboard.fixtures import make_run
 from tests.e2e.conftest import Server, free_port
+from tests.e2e.test_e2e_dashboard import live_panel
 
 pytestmark = pytest.mark.e2e
 
@@ -33,6 +37,7 @@ def test_all_interfaces_without_password_shows_no_page(tmp_path, page):
 
 
 def test_all_interfaces_with_password_asks_first(tmp_path, page):
+    make_run(tmp_path / "runs", "watched")
     srv = _server(tmp_path, password="correct horse")
     try:
         page.goto(srv.url)
@@ -44,5 +49,11 @@ def test_all_interfaces_with_password_asks_first(tmp_path, page):
         field.fill("correct horse")
         page.get_by_role("button", name="Sign in").click()
         page.get_by_role("heading", name="Runs", exact=True).wait_for()
+        # signed in, the Live page's panel gets its data; without a token minted by a session the endpoint has none
+        page.locator('[data-testid="stSidebarNav"] a').filter(has_text="Live").first.click()
+        live_panel(page)
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(f"{srv.url}/api/live/a-guessed-token", timeout=10)
+        assert err.value.code == 404
     finally:
         srv.stop()
