@@ -10,10 +10,8 @@ import streamlit.components.v1 as components
 
 _component = components.declare_component("live_panel", path=str(Path(__file__).parent / "components" / "live_panel"))
 
-RUN_HEIGHT, CHARTS_HEIGHT = 150, 1500
 
-
-def live_panel(token: str, runs: int, key: str) -> Optional[dict]:
+def live_panel(token: str, key: str) -> Optional[dict]:
     """Draw the panel for a live_api token; returns the latest box selection on the loss chart
     ({"x": [x0, x1], "n": count}) or None. The frame fits its content once drawn."""
-    return _component(token=token, key=key, default=None, height=runs * RUN_HEIGHT + CHARTS_HEIGHT)
+    return _component(token=token, key=key, default=None)

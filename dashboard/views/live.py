@@ -105,7 +105,7 @@ def _panel(chosen: list[str], view: live_figures.View) -> None:
     if st.session_state.get("_live_shown") != shown or token is None or not live_api.known(token):
         st.session_state["_live_token"] = live_api.register([runs.run_path(runs_dir, n) for n in chosen], view)
         st.session_state["_live_shown"] = shown
-    box = live_panel(st.session_state["_live_token"], len(chosen), key="live_panel")
+    box = live_panel(st.session_state["_live_token"], key="live_panel")
     if not box or st.session_state.get("_live_box_done") == box.get("n"):
         return
     st.session_state["_live_box_done"] = box.get("n")
