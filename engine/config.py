@@ -78,6 +78,8 @@ class ModelConfig:
     trainable_backbone_layers: Optional[int] = None  # None = torchvision's default; with coco weights only
     num_classes: int = 2  # 1 plate class + background
     box_batch_size_per_image: int = 512  # RoIs sampled per image for the box head (torchvision default 512)
+    anchor_sizes: Optional[list] = None  # RPN anchor sizes in pixels, as many as the model has (None = torchvision's)
+    anchor_aspect_ratios: Optional[list] = None  # height/width of the anchors, 3 of them (None = 0.5, 1, 2)
 
 
 @dataclass
@@ -86,6 +88,7 @@ class InputConfig:
     train_sizes: list = field(default_factory=lambda: [800, 864, 928, 992, 1056, 1120, 1184, 1248, 1333])  # shorter side, one sampled per batch
     test_size: int = 800  # shorter side at validation / test / predict
     max_size: int = 1333  # longer side cap
+    test_canvas: Optional[list] = None  # [height, width]: at validation/test/predict pad each image to at least this (see docs/engine.md)
 
 
 @dataclass
@@ -180,9 +183,16 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "model.trainable_backbone_layers": (lambda v: v is None or 0 <= v <= 6, "between 0 and 6"),
     "model.num_classes": (lambda v: v == 2, "2 (one plate class + background)"),
     "model.box_batch_size_per_image": (lambda v: 16 <= v <= 4096, "between 16 and 4096"),
+    "model.anchor_sizes": (lambda v: v is None or (len(v) > 0 and all(isinstance(x, int) and 4 <= x <= 2048 for x in v)),
+                           "a non-empty list of ints between 4 and 2048"),
+    "model.anchor_aspect_ratios": (lambda v: v is None or (len(v) > 0 and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and 0.05 <= x <= 20 for x in v)),
+        "a non-empty list of numbers between 0.05 and 20"),
     "input.train_sizes": (lambda v: len(v) > 0 and all(isinstance(x, int) and 32 <= x <= 4096 for x in v),
                           "a non-empty list of ints between 32 and 4096"),
     "input.test_size": (lambda v: 32 <= v <= 4096, "between 32 and 4096"),
+    "input.test_canvas": (lambda v: v is None or (len(v) == 2 and all(isinstance(x, int) and 32 <= x <= 8192 for x in v)),
+                          "[height, width], ints between 32 and 8192"),
     "input.max_size": (lambda v: 32 <= v <= 8192, "between 32 and 8192"),
     "augment.hflip_p": (lambda v: 0 <= v <= 1, "between 0 and 1"),
     "augment.brightness": (lambda v: 0 <= v <= 1, "between 0 and 1"),

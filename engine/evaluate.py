@@ -212,6 +212,8 @@ def evaluate_checkpoint(checkpoint: Union[str, Path], config_path: Optional[Unio
     if hasattr(transform, "test_size"):
         transform.test_size = cfg.input.test_size
     transform.max_size = cfg.input.max_size
+    if hasattr(transform, "test_canvas"):
+        transform.test_canvas = tuple(cfg.input.test_canvas) if cfg.input.test_canvas else None
     model.eval()
     info = _checkpoint_info(path)
     root = Path(data_root) if data_root else Path(cfg.data.root)

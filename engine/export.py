@@ -63,6 +63,9 @@ def default_max_size(test_size: int, max_size: int, size: int) -> int:
 def set_input_size(model: torch.nn.Module, size: int, max_size: int) -> None:
     """Make the model's transform resize the shorter side to `size` (eval) with the longer side <= max_size."""
     transform = model.transform
+    canvas = getattr(transform, "test_canvas", None)
+    if canvas and int(size) != transform.test_size:  # the canvas keeps its proportion to the image size
+        transform.test_canvas = tuple(max(32, int(round(v * int(size) / transform.test_size))) for v in canvas)
     transform.test_size = int(size)
     transform.max_size = int(max_size)
     transform.train(transform.training)  # SizedTransform re-reads test_size into min_size
@@ -325,11 +328,32 @@ def verify_export(model: torch.nn.Module, predictor: OnnxPredictor, images, thre
 
 
 # ----------------------------------------------------------------------------- export
+def _trace_example(model: torch.nn.Module, tries: int = 8) -> torch.Tensor:
+    """The image the exporter traces with: a synthetic plate photo the model detects something in,
+    preprocessed as at inference. Tracing records one path through the detector's data-dependent steps;
+    traced on noise (no detection at any stage) the graph failed or differed on most real photos."""
+    from engine.synthetic import render_image
+
+    size = model.transform.test_size
+    width = min(size * 4 // 3, model.transform.max_size)
+    graph = _graph_model(model)
+    best, best_count = None, -1
+    for k in range(tries):
+        image = render_image(np.random.default_rng([0, 7, k]), width, size)[0]
+        example = preprocess(model.transform, image_to_tensor(image))
+        with torch.inference_mode():
+            count = len(graph([example])[0]["scores"])
+        if count > best_count:
+            best, best_count = example, count
+        if count >= 2:
+            break
+    return best.clone()
+
+
 def _torch_export(model: torch.nn.Module, path: Path, opset: int) -> None:
     """TorchScript-based exporter (dynamo=False): it traces torchvision's detection models with their
     ONNX-specific code paths (any image height and width, batched NMS)."""
-    size = model.transform.test_size
-    example = torch.rand(3, size, min(size * 4 // 3, model.transform.max_size))
+    example = _trace_example(model)
     with warnings.catch_warnings(), redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         torch.onnx.export(_graph_model(model), ([example],), str(path), dynamo=False, opset_version=opset,

@@ -15,12 +15,13 @@ import pickle
 import platform
 import socket
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 from urllib.error import URLError
 from urllib.parse import urlparse
 from urllib.request import getproxies
 
 import torch
+import torchvision
 from torch import nn
 from torchvision.models.detection import (
     FasterRCNN_MobileNet_V3_Large_320_FPN_Weights,
@@ -30,11 +31,12 @@ from torchvision.models.detection import (
     fasterrcnn_mobilenet_v3_large_fpn,
     fasterrcnn_resnet50_fpn_v2,
 )
+from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from engine.config import Config, config_from_dict
+from engine.config import Config, ConfigError, config_from_dict
 from engine.errors import EngineError
 
 log = logging.getLogger(__name__)
@@ -67,12 +69,37 @@ class SizedTransform(GeneralizedRCNNTransform):
     """GeneralizedRCNNTransform whose shorter side is sampled from train_sizes in training mode and
     is test_size in eval mode (torchvision uses min_size[-1] in eval, so eval sets min_size=(test_size,))."""
 
-    def __init__(self, base: GeneralizedRCNNTransform, train_sizes, test_size: int, max_size: int):
+    def __init__(self, base: GeneralizedRCNNTransform, train_sizes, test_size: int, max_size: int,
+                 test_canvas: Optional[Sequence[int]] = None):
         super().__init__(min_size=tuple(train_sizes), max_size=max_size, image_mean=base.image_mean,
                          image_std=base.image_std, size_divisible=base.size_divisible, fixed_size=base.fixed_size)
         self.train_sizes = tuple(int(s) for s in train_sizes)
         self.test_size = int(test_size)
+        self.test_canvas = tuple(int(v) for v in test_canvas) if test_canvas else None  # (height, width)
         self.train(self.training)
+
+    def batch_images(self, images: list, size_divisible: int = 32) -> torch.Tensor:
+        """torchvision's padding (to the batch's largest image, a multiple of 32); in eval mode with a
+        test_canvas, then zeros right and below up to at least that canvas: a model trained on padded
+        batches sees, at validation, test and predict time, the canvas it was trained on."""
+        if self.training or not self.test_canvas:
+            return super().batch_images(images, size_divisible)
+        height, width = self.test_canvas
+        if torchvision._is_tracing():  # ONNX export: sizes stay tensors, as in torchvision's _onnx_batch_images
+            return self._onnx_canvas_batch(images, size_divisible, height, width)
+        batched = super().batch_images(images, size_divisible)
+        pad_h, pad_w = max(0, height - batched.shape[-2]), max(0, width - batched.shape[-1])
+        return torch.nn.functional.pad(batched, (0, pad_w, 0, pad_h)) if pad_h or pad_w else batched
+
+    @torch.jit.unused
+    def _onnx_canvas_batch(self, images: list, size_divisible: int, height: int, width: int) -> torch.Tensor:
+        size = [torch.max(torch.stack([img.shape[i] for img in images]).to(torch.float32)).to(torch.int64)
+                for i in range(3)]
+        for axis, least in ((1, height), (2, width)):
+            rounded = (torch.ceil(size[axis].to(torch.float32) / size_divisible) * size_divisible).to(torch.int64)
+            size[axis] = torch.maximum(rounded, torch.tensor(least, dtype=torch.int64))
+        return torch.stack([torch.nn.functional.pad(img, (0, size[2] - img.shape[2], 0, size[1] - img.shape[1],
+                                                          0, size[0] - img.shape[0])) for img in images])
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -97,12 +124,42 @@ def _builder_kwargs(cfg: Config) -> dict:
             "box_batch_size_per_image": cfg.model.box_batch_size_per_image}
 
 
+def _anchor_generator(current: AnchorGenerator, sizes: Optional[list], ratios: Optional[list],
+                      model_name: str) -> AnchorGenerator:
+    """The model's anchors with model.anchor_sizes / anchor_aspect_ratios put in, keeping the number of
+    anchors per location (the RPN head's shape, so COCO weights and checkpoints still load). Sizes keep
+    the model's layout: the same list on every feature level (mobilenet) or one size per level (resnet)."""
+    old_sizes, old_ratios = current.sizes, current.aspect_ratios
+    new_sizes = old_sizes
+    if sizes is not None:
+        if all(level == old_sizes[0] for level in old_sizes) and len(old_sizes[0]) > 1:
+            if len(sizes) != len(old_sizes[0]):
+                raise ConfigError(f"model.anchor_sizes: {model_name} needs {len(old_sizes[0])} sizes, got {len(sizes)}")
+            new_sizes = (tuple(sizes),) * len(old_sizes)
+        else:
+            if len(sizes) != len(old_sizes):
+                raise ConfigError(f"model.anchor_sizes: {model_name} needs {len(old_sizes)} sizes (one per "
+                                  f"feature level), got {len(sizes)}")
+            new_sizes = tuple((s,) for s in sizes)
+    new_ratios = old_ratios
+    if ratios is not None:
+        if len(ratios) != len(old_ratios[0]):
+            raise ConfigError(f"model.anchor_aspect_ratios: {model_name} needs {len(old_ratios[0])} ratios, "
+                              f"got {len(ratios)}")
+        new_ratios = (tuple(float(r) for r in ratios),) * len(old_ratios)
+    return AnchorGenerator(new_sizes, new_ratios)
+
+
 def _finish(model: nn.Module, cfg: Config) -> nn.Module:
-    """Replace the class head for plate + background, install the train/eval sizes."""
+    """Replace the class head for plate + background, set the anchors, install the train/eval sizes."""
     predictor = model.roi_heads.box_predictor
     if predictor.cls_score.out_features != cfg.model.num_classes:
         model.roi_heads.box_predictor = FastRCNNPredictor(predictor.cls_score.in_features, cfg.model.num_classes)
-    model.transform = SizedTransform(model.transform, cfg.input.train_sizes, cfg.input.test_size, cfg.input.max_size)
+    if cfg.model.anchor_sizes is not None or cfg.model.anchor_aspect_ratios is not None:
+        model.rpn.anchor_generator = _anchor_generator(model.rpn.anchor_generator, cfg.model.anchor_sizes,
+                                                       cfg.model.anchor_aspect_ratios, cfg.model.name)
+    model.transform = SizedTransform(model.transform, cfg.input.train_sizes, cfg.input.test_size, cfg.input.max_size,
+                                     cfg.input.test_canvas)
     return model
 
 

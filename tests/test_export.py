@@ -161,3 +161,36 @@ def test_model_without_its_description_is_refused(exported, tmp_path):
     (tmp_path / "lone.json").write_text(json.dumps({"format": "something else"}))
     with pytest.raises(ExportError, match="not a plate-detector-onnx/1 export description"):
         load_export(lone)
+
+
+def test_export_with_a_test_canvas_agrees_with_pytorch(plates_real, checkpoint, tmp_path):
+    """input.test_canvas pads every image at inference; the ONNX graph carries the same padding."""
+    import torch
+
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    ckpt["config"]["input"]["test_canvas"] = [192, 256]  # larger than any 160-px image + padding to 32
+    canvas_ckpt = tmp_path / "canvas" / "best.pth"
+    canvas_ckpt.parent.mkdir()
+    torch.save(ckpt, canvas_ckpt)
+    out = tmp_path / "onnx"
+    assert main(["export", "--checkpoint", str(canvas_ckpt), "--out", str(out)]) == 0
+    photos = sorted((plates_real / "test").glob("*.jpg"))[:REAL_TEST_PHOTOS]
+    _agree_on(photos, canvas_ckpt, out / "best-160.onnx")
+    plain = Predictor(checkpoint, device="cpu").predict(load_image(photos[0]))
+    padded = Predictor(canvas_ckpt, device="cpu").predict(load_image(photos[0]))
+    assert plain["scores"] != padded["scores"]  # the canvas reaches the model: padding changes its output
+
+
+def test_the_exporter_traces_an_image_the_model_detects_in(checkpoint):
+    """Traced on noise, a detector that finds nothing there records the no-detection path: the graph of
+    a fine-tuned model then failed in ONNX Runtime on most real photos (found on the real-photo recipe)."""
+    from engine.export import _graph_model, _trace_example
+    from engine.model import load_model_from_checkpoint
+
+    import torch
+
+    model, _ = load_model_from_checkpoint(checkpoint)
+    example = _trace_example(model)
+    assert example.shape[0] == 3 and min(example.shape[1:]) == 160
+    with torch.inference_mode():
+        assert len(_graph_model(model)([example])[0]["scores"]) >= 1

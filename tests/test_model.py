@@ -192,3 +192,56 @@ def test_resolve_device():
             resolve_device("cuda")
         with pytest.raises(EngineError):
             resolve_device("cuda:1")
+
+
+def test_anchor_config_sets_wide_small_anchors_and_survives_a_checkpoint(tmp_path):
+    from torchvision.ops import box_iou
+    from engine.config import ConfigError
+
+    cfg = make_cfg(model={"name": "fasterrcnn_mobilenet_v3_large_320_fpn", "weights": "none",
+                          "anchor_sizes": [16, 32, 64, 128, 256], "anchor_aspect_ratios": [0.25, 0.5, 1.0]})
+    model = build_model(cfg)
+    default = build_model(make_cfg())
+    assert model.rpn.anchor_generator.aspect_ratios[0] == (0.25, 0.5, 1.0)
+    assert model.rpn.anchor_generator.sizes[0] == (16, 32, 64, 128, 256)
+    # the RPN head keeps its shape, so a default model's state loads into it and back
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in default.state_dict().items()}
+
+    def best_iou(m, box):  # best anchor IoU of a plate-shaped box on a 64x64 image
+        m.eval()
+        images, _ = m.transform([torch.rand(3, 64, 64)])
+        features = list(m.backbone(images.tensors).values())
+        anchors = m.rpn.anchor_generator(images, features)[0]
+        return box_iou(torch.tensor([box], dtype=torch.float), anchors).max().item()
+
+    plate = [20.0, 28.0, 44.0, 34.0]  # 24 x 6 px: the 10% smallest plates of plates-real at 240 px
+    assert best_iou(model, plate) > best_iou(default, plate) + 0.2
+
+    path = tmp_path / "best.pth"
+    torch.save({"format": "plate-detector/1", "model": model.state_dict(), "config": cfg.to_dict(), "epoch": 1}, path)
+    loaded, _ = load_model_from_checkpoint(path)
+    assert loaded.rpn.anchor_generator.aspect_ratios[0] == (0.25, 0.5, 1.0)
+    with pytest.raises(ConfigError, match="needs 5 sizes"):
+        build_model(make_cfg(model={"name": "fasterrcnn_mobilenet_v3_large_320_fpn", "weights": "none",
+                                    "anchor_sizes": [16, 32]}))
+    with pytest.raises(ConfigError, match="between 0.05 and 20"):
+        make_cfg(model={"name": "fasterrcnn_mobilenet_v3_large_320_fpn", "weights": "none",
+                        "anchor_aspect_ratios": [0.25, 0, 1]})
+
+
+def test_test_canvas_pads_eval_images_only():
+    cfg = make_cfg(input={"train_sizes": [64], "test_size": 64, "max_size": 128, "test_canvas": [96, 128]})
+    model = build_model(cfg)
+    model.eval()
+    images, _ = model.transform([torch.rand(3, 60, 80)])
+    assert tuple(images.tensors.shape[-2:]) == (96, 128) and images.image_sizes[0] == (64, 85)
+    images, _ = model.transform([torch.rand(3, 200, 100)])  # taller than the canvas: padded to 32 only
+    assert tuple(images.tensors.shape[-2:]) == (128, 128)
+    model.train()
+    images, _ = model.transform([torch.rand(3, 60, 80)], [{"boxes": torch.tensor([[1.0, 1, 20, 10]]),
+                                                          "labels": torch.tensor([1])}])
+    assert tuple(images.tensors.shape[-2:]) == (64, 96)  # training batches keep torchvision's padding
+    plain = build_model(make_cfg(input={"train_sizes": [64], "test_size": 64, "max_size": 128}))
+    plain.eval()
+    images, _ = plain.transform([torch.rand(3, 60, 80)])
+    assert tuple(images.tensors.shape[-2:]) == (64, 96)
