@@ -88,7 +88,7 @@ class InputConfig:
     train_sizes: list = field(default_factory=lambda: [800, 864, 928, 992, 1056, 1120, 1184, 1248, 1333])  # shorter side, one sampled per batch
     test_size: int = 800  # shorter side at validation / test / predict
     max_size: int = 1333  # longer side cap
-    test_canvas: Optional[list] = None  # [height, width]: at validation/test/predict pad each image to at least this (see docs/engine.md)
+    test_canvas: Optional[list] = None  # [height, width]: eval images padded (zeros right/below) to at least this, like training batches; none = to a multiple of 32
 
 
 @dataclass
