@@ -124,7 +124,7 @@ def _exports(t: series.RunTail) -> None:
                        mime="text/csv", on_click="ignore", key=f"live_csv_epochs_{t.name}", icon=":material/download:")
 
 
-def _render_slow(chosen: list[str], view: live_figures.View) -> None:
+def _render_slow(chosen: list[str]) -> None:
     """Every SLOW_S while a run is alive: errors and processes, the exports and the train.log tail. Each
     rerun costs every open tab about 70 ms of browser CPU, so the charts are in the panel."""
     tails = [_tail(n) for n in chosen]
@@ -154,4 +154,4 @@ if alive:
                f"train.log every {SLOW_S} s; zoom and pan are kept. A hidden tab pauses until it is shown.")
 view = live_figures.View(x_axis, round(float(smoothing), 4), bool(log_y), _step_range())
 _panel(chosen, view)
-st.fragment(_render_slow, run_every=f"{SLOW_S}s" if alive else None)(chosen, view)
+st.fragment(_render_slow, run_every=f"{SLOW_S}s" if alive else None)(chosen)

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 
 from engine import runs
+from engine.data import load_split
+from engine.metrics import box_iou
 from tests.dashboard.fixtures import make_run
 from tests.e2e.conftest import Server, free_port, snap
 from tests.e2e.test_e2e_dashboard import goto, no_exception, select_option
@@ -27,27 +29,9 @@ CHECKPOINT = os.environ.get("PLATES_RECIPE_CHECKPOINT")
 THRESHOLD = 0.5  # the Predict page's default
 
 
-def iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
-def labelled_plates(split: Path) -> dict:
-    """file name -> the labelled boxes (x1, y1, x2, y2) of a Roboflow COCO split."""
-    coco = json.loads((split / "_annotations.coco.json").read_text())
-    names = {im["id"]: im["file_name"] for im in coco["images"]}
-    out: dict = {}
-    for a in coco["annotations"]:
-        x, y, w, h = a["bbox"]
-        out.setdefault(names[a["image_id"]], []).append((x, y, x + w, y + h))
-    return out
-
-
 def best_match(boxes, plates) -> float:
-    return max((iou(b, p) for b in boxes for p in plates), default=0.0)
+    """The best IoU between any of `boxes` and any labelled plate (xyxy)."""
+    return float(box_iou(boxes, plates).max(initial=0.0))
 
 
 @pytest.fixture(scope="module")
@@ -56,17 +40,18 @@ def chosen_photo(plates_real):
     from engine.predict import Predictor, load_image
 
     predictor = Predictor(CHECKPOINT)
-    split = plates_real / "test"
     scored = []
-    for name, plates in sorted(labelled_plates(split).items()):
-        pred = predictor.predict(load_image(split / name))
+    for record in load_split(plates_real, "test").images:
+        if len(record.boxes) == 0:
+            continue
+        pred = predictor.predict(load_image(record.path))
         boxes = [b for b, s in zip(pred["boxes"], pred["scores"]) if s >= THRESHOLD]
-        scored.append((best_match(boxes, plates), name, plates))
-    found = sum(1 for s, _, _ in scored if s >= 0.5)
-    best = max(scored)
+        scored.append((best_match(boxes, record.boxes), record))
+    found = sum(1 for s, _ in scored if s >= 0.5)
+    best, record = max(scored, key=lambda item: item[0])
     print(f"recipe model: {found} of {len(scored)} test photos have a box at IoU >= 0.5 (score >= {THRESHOLD})")
-    assert best[0] >= 0.5, f"the model finds no labelled plate in any test photo (best IoU {best[0]:.2f})"
-    return split / best[1], best[2], found, predictor.config
+    assert best >= 0.5, f"the model finds no labelled plate in any test photo (best IoU {best:.2f})"
+    return record.path, record.boxes, found, predictor.config
 
 
 @pytest.mark.skipif(not CHECKPOINT, reason="set PLATES_RECIPE_CHECKPOINT to a best.pth of configs/real_finetune_cpu.yaml")
