@@ -132,6 +132,13 @@ def _test_numbers(out_dir: Path) -> str:
             f"best recall at P >= 0.5: {recall:.3f}")
 
 
+def _best_valid(run_dir: Path) -> str:
+    """The run's best plates-real/valid mAP@0.5 and its epoch (75 photos: a second number beside the 39-photo test)."""
+    _, epochs = runs.read_metrics(run_dir)
+    best = max((e for e in epochs if e.get("val_map50") is not None), key=lambda e: e["val_map50"], default=None)
+    return f"; best valid mAP@0.5 {best['val_map50']:.3f} (epoch {best['epoch']})" if best else ""
+
+
 def _train(name: str, args: list, runs_dir: Path) -> float:
     t0 = time.time()
     subprocess.run([sys.executable, "-m", "engine", "train", "--run", name, "--set", f"run.runs_dir={runs_dir}"] + args,
@@ -162,9 +169,9 @@ def bench_transfer(runs_dir: Path) -> list[tuple[str, str, str]]:
          cmd_text),
         (f"synthetic demo ({synth_wall / 60:.1f} min) on plates-real/test", _test_numbers(runs_dir / synth / "real-test"), cmd_text),
         (f"synthetic + fine-tune on plates-real/train ({(synth_wall + fine_wall) / 60:.1f} min in all, {epochs} epochs)",
-         _test_numbers(runs_dir / fine / "test"), cmd_text),
+         _test_numbers(runs_dir / fine / "test") + _best_valid(runs_dir / fine), cmd_text),
         (f"from scratch on plates-real/train ({scratch_wall / 60:.1f} min, {scratch_epochs} epochs)",
-         _test_numbers(runs_dir / scratch / "test"), cmd_text),
+         _test_numbers(runs_dir / scratch / "test") + _best_valid(runs_dir / scratch), cmd_text),
         ("Chromium: a plates-real test photo uploaded on the Predict page to the fine-tuned model shows a box "
          "on its labelled plate (IoU >= 0.5)", browser, "PLATES_RECIPE_CHECKPOINT=... pytest tests/e2e/test_e2e_recipe_photo.py"),
     ]
