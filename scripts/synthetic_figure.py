@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from engine.data import load_split  # noqa: E402
 from engine.synthetic import render_image  # noqa: E402
 
 CELL = (200, 150)
@@ -38,13 +38,9 @@ def synthetic_cells(n: int, seed: int = 0) -> list:
 
 
 def real_cells(root: Path, n: int) -> list:
-    coco = json.loads((root / "valid" / "_annotations.coco.json").read_text())
-    boxes: dict = {}
-    for a in coco["annotations"]:
-        x, y, w, h = a["bbox"]
-        boxes.setdefault(a["image_id"], []).append([x, y, x + w, y + h])
-    images = coco["images"][:: max(1, len(coco["images"]) // n)][:n]
-    return [_framed(Image.open(root / "valid" / im["file_name"]), boxes.get(im["id"], [])) for im in images]
+    images = load_split(root, "valid").images
+    images = images[:: max(1, len(images) // n)][:n]
+    return [_framed(Image.open(im.path), im.boxes.tolist()) for im in images]
 
 
 def panel(cells: list) -> Image.Image:
