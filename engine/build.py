@@ -52,6 +52,7 @@ def seed_worker(worker_id: int) -> None:
     shuts the workers down itself (a worker killed first would make the run fail instead)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGTERM, signal.SIGINT))  # forked blocked: engine.data.start_loader_iterator
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)

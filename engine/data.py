@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
@@ -370,6 +372,25 @@ def to_coco_gt(split_or_records: Union[CocoSplit, Iterable[ImageRecord]]) -> dic
                                 "iscrowd": 0})
     return {"images": images, "annotations": annotations,
             "categories": [{"id": PLATE_LABEL, "name": "license_plate"}]}
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def start_loader_iterator(loader):
+    """`iter(loader)` with SIGTERM / SIGINT blocked while its worker processes are forked.
+
+    A worker ignores the stop signals only once its worker_init_fn (engine.build.seed_worker) runs;
+    a process-group SIGTERM landing between the fork and that point killed the worker and failed
+    the run instead of stopping it. Forked while blocked, a worker holds such a signal pending until
+    seed_worker ignores it (which discards it); here it is delivered when the block is lifted."""
+    if threading.current_thread() is not threading.main_thread():
+        return iter(loader)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def shut_down_loader_iterator(iterator) -> None:

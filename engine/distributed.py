@@ -38,6 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
+from engine.data import start_loader_iterator
 from engine.errors import EngineError
 from engine.runs import RANKS_DIR  # <run_dir>/ranks/rank-N.json, one heartbeat file per rank
 
@@ -454,7 +455,7 @@ def merge_shards(shards: Sequence[tuple[list, list]], num_images: int, batch_siz
 def _agreeing_loader(loader, rounds: int, ctx: DistContext, should_stop: Optional[Callable[[], bool]], beat):
     """Yield the batches of `loader`. Every rank goes through `rounds` rounds (a rank with one batch
     fewer yields nothing in its last); with `should_stop`, all ranks agree in each round whether to stop."""
-    batches = iter(loader)
+    batches = start_loader_iterator(loader)
     for _ in range(rounds):
         batch = next(batches, None)
         if beat is not None:

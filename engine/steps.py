@@ -24,7 +24,7 @@ from engine import distributed as D
 from engine import evaluate
 from engine.build import Amp
 from engine.config import EvalConfig
-from engine.data import shut_down_loader_iterator
+from engine.data import shut_down_loader_iterator, start_loader_iterator
 from engine.errors import EngineError
 from engine.faults import fault_point
 from engine.run_state import RunState, StopRequested
@@ -149,7 +149,7 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sc
     max_norm = grad_clip if grad_clip > 0 else float("inf")
     model.train()
     state.epoch_started(progress.epoch, progress.batches_done, progress.global_step)
-    batches = iter(loader)
+    batches = start_loader_iterator(loader)
     bar = tqdm(batches, total=steps_per_epoch, initial=progress.batches_done, desc=f"epoch {progress.epoch}/{epochs}",
                unit="batch", leave=False, file=sys.stderr, disable=not state.main, **tqdm_kwargs())
     t_prev = time.time()
@@ -187,7 +187,7 @@ class _BeatingLoader:
         self.loader, self.beat = loader, beat
 
     def __iter__(self):
-        batches = iter(self.loader)
+        batches = start_loader_iterator(self.loader)
         try:
             for batch in batches:
                 fault_point("validation")

@@ -45,3 +45,33 @@ def test_amp_settings_auto_keeps_the_recipe_and_bfloat16_runs_anywhere():
         amp(cpu, amp_dtype="float16")
     with pytest.raises(ValueError, match="train.amp_dtype must be auto, float16 or bfloat16"):
         config_from_dict({"train": {"amp_dtype": "fp8"}})
+
+
+def _slow_seed_worker(worker_id: int) -> None:
+    import time
+
+    from engine.build import seed_worker
+
+    time.sleep(1.5)  # the window between the fork and seed_worker, made wide
+    seed_worker(worker_id)
+
+
+def test_stop_signal_during_worker_start_does_not_kill_the_worker():
+    """A SIGTERM to the process group lands in a worker before its worker_init_fn ignores it."""
+    import os
+    import signal
+    import time
+
+    from torch.utils.data import DataLoader
+
+    from engine.data import shut_down_loader_iterator, start_loader_iterator
+
+    loader = DataLoader(list(range(4)), batch_size=2, num_workers=1, worker_init_fn=_slow_seed_worker)
+    batches = start_loader_iterator(loader)
+    try:
+        time.sleep(0.3)  # the worker is up, still inside the slow init
+        os.kill(batches._workers[0].pid, signal.SIGTERM)
+        assert [b.tolist() for b in batches] == [[0, 1], [2, 3]]
+        assert batches._workers[0].exitcode in (None, 0)
+    finally:
+        shut_down_loader_iterator(batches)
