@@ -34,13 +34,14 @@ class FormValues:
     image_size: int
     device: str
     name: str = ""
+    time_limit_min: float = 0.0  # 0: no limit
 
 
 def form_defaults(cfg: Config) -> FormValues:
     return FormValues(
         data_root=cfg.data.root, model=cfg.model.name, weights=cfg.model.weights,
         epochs=cfg.train.epochs, batch_size=cfg.train.batch_size, lr=cfg.optim.lr,
-        image_size=cfg.input.test_size, device=cfg.train.device,
+        image_size=cfg.input.test_size, device=cfg.train.device, time_limit_min=cfg.train.time_limit_min,
     )
 
 
@@ -57,6 +58,8 @@ def build_overrides(defaults: FormValues, chosen: FormValues) -> list[str]:
         out.append(f"model.weights={chosen.weights.strip()}")
     if chosen.epochs != defaults.epochs:
         out.append(f"train.epochs={int(chosen.epochs)}")
+    if abs(chosen.time_limit_min - defaults.time_limit_min) > 1e-9:
+        out.append(f"train.time_limit_min={float(chosen.time_limit_min):g}")
     if chosen.batch_size != defaults.batch_size:
         out.append(f"train.batch_size={int(chosen.batch_size)}")
     if abs(chosen.lr - defaults.lr) > 1e-12:

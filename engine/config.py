@@ -118,7 +118,8 @@ class ScheduleConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 50  # at most; early stopping may end sooner
+    epochs: int = 50  # at most; early stopping or the time limit may end sooner
+    time_limit_min: float = 0.0  # minutes of training + validation, over resumes; 0 = none; the cosine is refit to the epochs that fit
     batch_size: int = 16  # images per optimizer step (per process under torchrun)
     amp: bool = True  # mixed precision (autocast), see amp_dtype
     amp_dtype: str = "auto"  # auto: float16 + GradScaler on CUDA, AMP off on CPU | float16 (CUDA only) | bfloat16 (CUDA or CPU, no GradScaler)
@@ -207,6 +208,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "schedule.warmup_start_factor": (lambda v: 0 < v <= 1, "> 0 and <= 1"),
     "schedule.min_lr": (lambda v: v >= 0, ">= 0"),
     "train.epochs": (lambda v: 1 <= v <= 10000, "between 1 and 10000"),
+    "train.time_limit_min": (lambda v: 0 <= v <= 10_000_000, ">= 0 (minutes; 0 = no limit)"),
     "train.batch_size": (lambda v: 1 <= v <= 1024, "between 1 and 1024"),
     "train.grad_clip": (lambda v: v >= 0, ">= 0"),
     "train.early_stopping_patience": (lambda v: v >= 0, ">= 0"),

@@ -263,10 +263,17 @@ def _device(info: dict) -> tuple[str, str]:
     return status.get("device_name") or device, device
 
 
-def _early_stopped(info: dict) -> bool:
+def _end_reason(info: dict) -> Optional[str]:
+    """Why a completed run trained fewer than train.epochs: early_stopping | time_limit (None if it did not).
+    Runs from before status.json recorded it count as early stopped."""
     planned = _cfg(info, "train").get("epochs")
     done = len(info["epochs"])
-    return bool(done and planned and done < planned and info["state"] == "completed")
+    if not (done and planned and done < planned and info["state"] == "completed"):
+        return None
+    return info["status"].get("end_reason") or "early_stopping"
+
+
+_END_NOTE = {"early_stopping": "early stopping triggered", "time_limit": "time limit reached"}
 
 
 def _header(info: dict, images: dict) -> list[str]:
@@ -355,7 +362,7 @@ def _training(info: dict, images: dict, img_dir: str) -> list[str]:
                ["**F1-Score**", fmt.number(best.get("val_f1")), "Harmonic mean"],
                ["**Best Epoch**", fmt.number(best.get("epoch")), "Epoch with the highest val mAP@0.5"],
                ["**Total Epochs**", fmt.number(len(epochs)),
-                "early stopping triggered" if _early_stopped(info) else f"of {planned} planned"],
+                _END_NOTE.get(_end_reason(info), f"of {planned} planned")],
            ]), "", "### Training Curve\n"]
     if "curve" in images:
         out.append(f"![Training curve]({img_dir}/{images['curve']})\n")
@@ -488,9 +495,12 @@ def _observations(info: dict, images: dict) -> list[str]:
     facts = [f"Train loss: {info['convergence']['judgement']}."]
     if best:
         facts.append(f"Best val mAP@0.5 {fmt.number(best.get('val_map50'))} at epoch {best.get('epoch')} of {total}.")
-    if _early_stopped(info):
+    if _end_reason(info) == "early_stopping":
         facts.append(f"Early stopping ended the run after {total} of {train.get('epochs')} epochs "
                      f"(patience {train.get('early_stopping_patience')}).")
+    elif _end_reason(info) == "time_limit":
+        facts.append(f"The time limit ({float(train.get('time_limit_min') or 0):g} min) ended the run after {total} "
+                     f"of {train.get('epochs')} epochs; the LR schedule was fitted to the epochs that fit.")
     ips = sorted(s["images_per_s"] for s in info["steps"] if s.get("images_per_s"))
     if ips:
         facts.append(f"Training throughput: median {ips[len(ips) // 2]:.1f} images/s on {_device(info)[0]}.")

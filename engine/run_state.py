@@ -111,6 +111,11 @@ class RunState:
                            steps_per_epoch=steps_per_epoch, global_step=global_step, total_steps=total_steps,
                            best=dict(best), error=None, ended_at=None)
 
+    def planned(self, epochs: int, total_steps: int) -> None:
+        """A time limit changed the epochs planned (and so the steps in all and the ETA)."""
+        self.epochs, self.total_steps = epochs, total_steps
+        self.writer.update(epochs=epochs, total_steps=total_steps)
+
     def epoch_started(self, epoch: int, step: int, global_step: int) -> None:
         self.epoch, self.global_step = epoch, global_step
         self.writer.update(epoch=epoch, step=step, global_step=global_step,
@@ -143,11 +148,12 @@ class RunState:
     def stopped(self, message: str) -> None:
         self.writer.update(state="stopped", ended_at=time.time(), eta_s=None, message=message, **self._ranks())
 
-    def completed(self, message: str, epoch: int, elapsed_s: float) -> None:
-        """The run is done (`completed_at` stays when a launcher later marks the run queued)."""
+    def completed(self, message: str, epoch: int, elapsed_s: float, end_reason: Optional[str] = None) -> None:
+        """The run is done (`completed_at` stays when a launcher later marks the run queued);
+        `end_reason` says why before train.epochs: early_stopping | time_limit."""
         now = time.time()
         self.writer.update(state="completed", ended_at=now, completed_at=now, eta_s=0, epoch=epoch,
-                           elapsed_s=elapsed_s, message=message, **self._ranks())
+                           elapsed_s=elapsed_s, end_reason=end_reason, message=message, **self._ranks())
 
     def failed(self, error: str) -> None:
         """Never raises: when status.json cannot be written (disk full) the line goes to stderr."""

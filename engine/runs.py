@@ -20,9 +20,11 @@ status.json   {"state", "run", "pid", "pgid", "host", "device", "device_name", "
                "updated_at", "ended_at", "epoch", "epochs", "step", "steps_per_epoch",
                "global_step", "total_steps", "best": {"epoch", "map50"}, "images_per_s",
                "eta_s", "message", "error", "checkpoint_dir", "resumed_at", "completed_at",
-               "elapsed_s", "command", "torch_version", "cuda_version", "python_version",
-               "platform"}     times are unix seconds; `completed_at` is set once, when the run
-               completes, and stays when a launcher marks the run queued again
+               "elapsed_s", "end_reason", "command", "torch_version", "cuda_version",
+               "python_version", "platform"}     times are unix seconds; `completed_at` is set once,
+               when the run completes, and stays when a launcher marks the run queued again;
+               `end_reason` (completed runs) is null, "early_stopping" or "time_limit"; under
+               train.time_limit_min "epochs"/"total_steps" are re-planned after every epoch
               several processes (torchrun, engine/distributed.py) add {"world_size", "nnodes",
                "backend", "restart_count", "max_restarts", "elastic_run_id", "launcher_pid",
                "launcher_pgid", "worker_pid", "ranks": [{"rank", "host", "pid", "step", "epoch",

@@ -26,6 +26,20 @@ def lr_at(step: int, base_lr: float, total_steps: int, warmup_steps: int = 0,
     return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
+def epochs_within(time_limit_s: float, elapsed_s: float, epochs_done: int, max_epochs: int) -> int:
+    """The epochs a run under a time limit plans in all, after `epochs_done` epochs took `elapsed_s`.
+
+    The mean epoch so far (training + validation) predicts the next ones; an epoch is planned
+    only if it is expected to end within the limit, so the run ends at or before it. Without a
+    limit (<= 0) or before the first epoch the answer is `max_epochs`; never fewer than the
+    epochs done, never more than `max_epochs`."""
+    if time_limit_s <= 0 or epochs_done <= 0:
+        return max_epochs
+    per_epoch = max(elapsed_s, 1e-9) / epochs_done
+    fitting = epochs_done + max(0, int((time_limit_s - elapsed_s) // per_epoch))
+    return max(epochs_done, min(max_epochs, fitting))
+
+
 def warmup_steps_for(warmup_epochs: float, steps_per_epoch: int) -> int:
     return int(round(warmup_epochs * steps_per_epoch))
 
@@ -63,6 +77,12 @@ class WarmupCosineLR:
 
     def step(self) -> None:
         self.last_step += 1
+        self._apply()
+
+    def refit(self, total_steps: int) -> None:
+        """End the cosine at step `total_steps - 1` instead (a time limit changed the plan);
+        the steps done keep their LR, the next ones follow the new curve."""
+        self.total_steps = int(total_steps)
         self._apply()
 
     def state_dict(self) -> dict:

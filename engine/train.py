@@ -55,7 +55,7 @@ from engine.config import Config, default_run_name, load_config, resolve_paths, 
 from engine.errors import EngineError, RunError
 from engine.faults import fault_point
 from engine.run_state import RunState, StopRequested, StopSignals, initial_fields
-from engine.schedule import EarlyStopping
+from engine.schedule import EarlyStopping, epochs_within
 from engine.steps import EpochProgress, check_stop, tqdm_kwargs, train_one_epoch, validate_one_epoch
 from engine.tracking import make_recorder
 
@@ -192,13 +192,15 @@ class Training:
     num_params: int
     ctx: D.DistContext = field(default_factory=D.DistContext)
     plain: Optional[torch.nn.Module] = None  # the model itself (`model` may be its DDP wrapper)
+    epochs: int = 0  # the epochs planned: train.epochs, or fewer under train.time_limit_min
 
     def __post_init__(self) -> None:
         self.plain = self.plain if self.plain is not None else self.model
+        self.epochs = self.epochs or self.cfg.train.epochs
 
     @property
     def total_steps(self) -> int:
-        return self.steps_per_epoch * self.cfg.train.epochs
+        return self.steps_per_epoch * self.epochs
 
 
 @dataclass
@@ -210,6 +212,7 @@ class LoopState:
     best: dict = field(default_factory=lambda: {"epoch": None, "map50": None})
     progress: Optional[EpochProgress] = None  # the epoch in progress
     training_done: bool = False  # no epochs left (the final test evaluation may still be due)
+    end_reason: Optional[str] = None  # why training ended before train.epochs: early_stopping | time_limit
     last_record: Optional[dict] = None  # the last epoch record
     elapsed_before: float = 0.0  # training time of earlier processes of this run
     t_start: float = field(default_factory=time.time)
@@ -274,6 +277,8 @@ def restore_training(ckpt: dict, t: Training) -> LoopState:
         log.warning("%s", warning)
         if ckpt.get("epoch_progress"):
             global_step = sched["last_step"] = int(ckpt["epoch_progress"]["start_step"])
+    if t.cfg.train.time_limit_min > 0 and _planned_epochs(sched, t) is not None:
+        t.epochs = _planned_epochs(sched, t)
     if int(sched.get("total_steps", t.total_steps)) != t.total_steps:
         raise RunError(f"{where}: the run had {sched.get('total_steps')} steps in all, the data and config now give "
                        f"{t.total_steps} ({t.steps_per_epoch}/epoch); the dataset or batch size changed, "
@@ -285,7 +290,8 @@ def restore_training(ckpt: dict, t: Training) -> LoopState:
         t.scaler.load_state_dict(ckpt["scaler"])
     loop = LoopState(EarlyStopping(t.cfg.train.early_stopping_patience), next_epoch=int(ckpt["epoch"]) + 1,
                      global_step=global_step, training_done=bool(ckpt.get("completed")),
-                     last_record=ckpt.get("metrics"), elapsed_before=float(ckpt.get("elapsed_s") or 0.0))
+                     last_record=ckpt.get("metrics"), elapsed_before=float(ckpt.get("elapsed_s") or 0.0),
+                     end_reason=ckpt.get("end_reason"))
     loop.best = dict(ckpt.get("best") or loop.best)
     loop.early.load_state_dict(ckpt.get("early_stopping") or {})
     if progress and int(progress["epoch"]) == loop.next_epoch:
@@ -296,6 +302,13 @@ def restore_training(ckpt: dict, t: Training) -> LoopState:
         raise RunError(f"{where}: scheduler step {t.scheduler.last_step} != global step {loop.global_step}; "
                        f"cannot resume")
     return loop
+
+
+def _planned_epochs(sched: dict, t: Training) -> Optional[int]:
+    """The epochs a time-limited run had planned when saved (its schedule's length), if they fit this config."""
+    total = int(sched.get("total_steps") or 0)
+    epochs, rest = divmod(total, t.steps_per_epoch)
+    return epochs if total and not rest and 1 <= epochs <= t.cfg.train.epochs else None
 
 
 def make_checkpoint(t: Training, loop: LoopState, epochs_done: int) -> dict:
@@ -322,6 +335,7 @@ def make_checkpoint(t: Training, loop: LoopState, epochs_done: int) -> dict:
         "run": t.cfg.run.name,
         "metrics": dict(loop.last_record) if loop.last_record else {},
         "completed": loop.training_done,
+        "end_reason": loop.end_reason,
         "epoch_progress": loop.progress.to_dict() if loop.progress and loop.progress.batches_done else None,
         "elapsed_s": float(loop.elapsed()),
         **extra,
@@ -354,11 +368,12 @@ def fit(cfg: Config, run_dir: Path, ckpt_dir: Path, state: RunState, resume_from
     if checkpoint:  # last, so nothing above shifts the restored RNG streams
         _restore_rng(checkpoint, ctx)
         checkpoint = None  # free the memory
+    state.planned(t.epochs, t.total_steps)
     state.training(epochs_done=loop.next_epoch - 1, step=loop.progress.batches_done if loop.progress else 0,
                    steps_per_epoch=t.steps_per_epoch, global_step=loop.global_step, total_steps=t.total_steps,
                    best=loop.best)
     _log_banner(t, loop)
-    epochs_bar = tqdm(total=cfg.train.epochs, initial=loop.next_epoch - 1, desc="epochs", unit="epoch",
+    epochs_bar = tqdm(total=t.epochs, initial=loop.next_epoch - 1, desc="epochs", unit="epoch",
                       file=sys.stderr, disable=not state.main, **tqdm_kwargs())
     try:
         for epoch in loop.epochs_left(cfg.train.epochs):
@@ -367,10 +382,11 @@ def fit(cfg: Config, run_dir: Path, ckpt_dir: Path, state: RunState, resume_from
             loader = build.train_loader(cfg, t.data.train_ds, epoch, progress.batches_done, t.device, ctx)
             train_one_epoch(t.model, t.optimizer, t.scheduler, t.scaler, loader, t.device, progress, amp=t.amp,
                             grad_clip=cfg.train.grad_clip, log_every=cfg.train.log_every, recorder=recorder,
-                            state=state, epochs=cfg.train.epochs, steps_per_epoch=t.steps_per_epoch, ctx=ctx)
+                            state=state, epochs=t.epochs, steps_per_epoch=t.steps_per_epoch, ctx=ctx)
             t0 = time.time()
             metrics = validate_one_epoch(t.plain, t.valid_loader, t.device, cfg.eval, t.amp, state, epoch, ctx)
             end_of_epoch(t, loop, epoch, metrics, time.time() - t0, recorder, probes, state)
+            epochs_bar.total = t.epochs
             epochs_bar.update(1)
             if loop.training_done:
                 break
@@ -417,7 +433,6 @@ def end_of_epoch(t: Training, loop: LoopState, epoch: int, metrics: dict, val_ti
     if improved:
         loop.best = {"epoch": epoch, "map50": map50}
     loop.global_step, loop.progress, loop.next_epoch = progress.global_step, None, epoch + 1
-    loop.training_done = epoch >= cfg.train.epochs or loop.early.should_stop
     epoch_time = progress.time_s + val_time_s
     loop.last_record = recorder.record_epoch(
         epoch, loop.global_step, train_loss=progress.mean_loss, val_map50=map50,
@@ -425,19 +440,45 @@ def end_of_epoch(t: Training, loop: LoopState, epoch: int, metrics: dict, val_ti
         val_recall=metrics.get("recall"), val_f1=metrics.get("f1"),
         lr=t.scheduler.lr_for(max(0, loop.global_step - 1)),  # the LR of the epoch's last step
         epoch_time_s=epoch_time, is_best=improved)
+    replan_for_time_limit(t, loop, epoch, state)
+    loop.training_done = epoch >= t.epochs or loop.early.should_stop
+    if loop.early.should_stop and epoch < t.epochs:
+        loop.end_reason = "early_stopping"
     ckpt = make_checkpoint(t, loop, epoch)
     if improved:
         _save(t, runs.BEST_CKPT, ckpt, state.main)
     _save(t, runs.LAST_CKPT, ckpt, state.main)
     if probes:
         _write_probes(t, probes, epoch)
-    log.info("Epoch [%d/%d] — Loss: %.4f | mAP@0.5: %.4f | Time: %.1fs", epoch, cfg.train.epochs,
+    log.info("Epoch [%d/%d] — Loss: %.4f | mAP@0.5: %.4f | Time: %.1fs", epoch, t.epochs,
              progress.mean_loss, map50, epoch_time)
     if improved:
         log.info("  ★ New best mAP@0.5: %.4f — Saved!", map50)
     state.epoch_done(epoch, t.steps_per_epoch, loop.global_step, loop.best, map50, val_time_s)
-    if loop.early.should_stop:
+    if loop.end_reason == "early_stopping":
         log.info("Early stopping: no improvement for %d epochs", loop.early.bad_epochs)
+    elif loop.end_reason == "time_limit":
+        log.info("Time limit reached: %g min allows no further epoch (%.1f min used)",
+                 cfg.train.time_limit_min, loop.elapsed() / 60)
+
+
+def replan_for_time_limit(t: Training, loop: LoopState, epochs_done: int, state: RunState) -> None:
+    """Under train.time_limit_min: plan the epochs that fit the time left and refit the cosine to end
+    there. Rank 0's clock decides (broadcast), so every process plans the same epochs."""
+    limit_s = t.cfg.train.time_limit_min * 60
+    if limit_s <= 0:
+        return
+    elapsed = loop.elapsed()
+    planned = D.broadcast_object(epochs_within(limit_s, elapsed, epochs_done, t.cfg.train.epochs), t.ctx)
+    if planned < t.cfg.train.epochs:
+        loop.end_reason = "time_limit" if planned <= epochs_done else loop.end_reason
+    if planned == t.epochs:
+        return
+    log.info("Time limit %g min: %.1f min used in %d epochs; %d epochs planned (was %d), the LR schedule now "
+             "ends at epoch %d", t.cfg.train.time_limit_min, elapsed / 60, epochs_done, planned, t.epochs, planned)
+    t.epochs = planned
+    t.scheduler.refit(t.total_steps)
+    state.planned(planned, t.total_steps)
 
 
 def _write_probes(t: Training, probes: list, epoch: int) -> None:
@@ -527,9 +568,10 @@ def _stopped(t: Training, loop: LoopState, state: RunState) -> dict:
 
 def _completed(t: Training, loop: LoopState, state: RunState, elapsed: float) -> dict:
     epoch = loop.next_epoch - 1
-    how = f"early stopped at epoch {epoch}" if loop.early.should_stop else f"completed {epoch} epochs"
+    how = {"early_stopping": f"early stopped at epoch {epoch}",
+           "time_limit": f"time limit reached after {epoch} epochs"}.get(loop.end_reason, f"completed {epoch} epochs")
     state.completed(f"{how}; best mAP@0.5 {_fmt(loop.best.get('map50'))} at epoch {loop.best.get('epoch')}",
-                    epoch, elapsed)
+                    epoch, elapsed, end_reason=loop.end_reason)
     return _result(t, loop, state, "completed")
 
 

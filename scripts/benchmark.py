@@ -15,7 +15,8 @@ recipe's model at the recipe's test size, weights none (speed does not depend on
 gpu:  a short run of the recipe on plates-real on CUDA: images/s and seconds per epoch.
 transfer: trains the demo on a freshly generated synthetic set, evaluates it on plates-real/test;
 then configs/real_finetune_cpu.yaml from that checkpoint on plates-real/train, and the same config
-from scratch for the same wall time (synthetic + fine-tune); test mAP@0.5 of both; then
+from scratch with the same training time (train.time_limit_min = the training + validation minutes
+of synthetic + fine-tune, so its cosine is fitted to that budget); test mAP@0.5 of both; then
       tests/e2e/test_e2e_recipe_photo.py on the fine-tuned model (a real test photo in Chromium).
 perf: every number of issue 9 next to its anchor measured in the same run (scripts/perf_bench.py
       says what is measured and how, scripts/browser_bench.py the browser rows); CPU heavy for about
@@ -139,6 +140,11 @@ def _best_valid(run_dir: Path) -> str:
     return f"; best valid mAP@0.5 {best['val_map50']:.3f} (epoch {best['epoch']})" if best else ""
 
 
+def _training_s(run_dir: Path) -> float:
+    """A completed run's training + validation seconds (status.json elapsed_s: what train.time_limit_min counts)."""
+    return float(runs.read_status(run_dir).get("elapsed_s") or 0.0)
+
+
 def _train(name: str, args: list, runs_dir: Path) -> float:
     t0 = time.time()
     subprocess.run([sys.executable, "-m", "engine", "train", "--run", name, "--set", f"run.runs_dir={runs_dir}"] + args,
@@ -160,17 +166,20 @@ def bench_transfer(runs_dir: Path) -> list[tuple[str, str, str]]:
     real = ["--config", "configs/real_finetune_cpu.yaml", "--data", str(PLATES_REAL)]
     fine_wall = _train(fine, real + ["--set", f"model.weights={weights}"], runs_dir)
     epochs = yaml.safe_load((ROOT / "configs/real_finetune_cpu.yaml").read_text())["train"]["epochs"]
-    scratch_epochs = max(1, round(epochs * (synth_wall + fine_wall) / fine_wall))  # the same wall time in all
-    scratch_wall = _train(scratch, real + ["--set", "model.weights=none", "--set", f"train.epochs={scratch_epochs}"],
-                          runs_dir)
+    budget_min = (_training_s(runs_dir / synth) + _training_s(runs_dir / fine)) / 60  # the same training time
+    scratch_wall = _train(scratch, real + ["--set", "model.weights=none", "--set", "train.epochs=1000",
+                                           "--set", f"train.time_limit_min={budget_min:.2f}"], runs_dir)
+    scratch_epochs = len(runs.read_metrics(runs_dir / scratch)[1])
     browser = _recipe_photo_in_browser(ROOT / "checkpoints" / fine / "best.pth")
     return [
         (f"synthetic demo ({synth_wall / 60:.1f} min) on its own synthetic test split", _test_numbers(runs_dir / synth / "test"),
          cmd_text),
         (f"synthetic demo ({synth_wall / 60:.1f} min) on plates-real/test", _test_numbers(runs_dir / synth / "real-test"), cmd_text),
-        (f"synthetic + fine-tune on plates-real/train ({(synth_wall + fine_wall) / 60:.1f} min in all, {epochs} epochs)",
+        (f"synthetic + fine-tune on plates-real/train ({(synth_wall + fine_wall) / 60:.1f} min in all, training "
+         f"{budget_min:.1f}; fine-tune {epochs} epochs)",
          _test_numbers(runs_dir / fine / "test") + _best_valid(runs_dir / fine), cmd_text),
-        (f"from scratch on plates-real/train ({scratch_wall / 60:.1f} min, {scratch_epochs} epochs)",
+        (f"from scratch on plates-real/train, time limit {budget_min:.1f} min ({scratch_wall / 60:.1f} min in all, "
+         f"training {_training_s(runs_dir / scratch) / 60:.1f}; {scratch_epochs} epochs)",
          _test_numbers(runs_dir / scratch / "test") + _best_valid(runs_dir / scratch), cmd_text),
         ("Chromium: a plates-real test photo uploaded on the Predict page to the fine-tuned model shows a box "
          "on its labelled plate (IoU >= 0.5)", browser, "PLATES_RECIPE_CHECKPOINT=... pytest tests/e2e/test_e2e_recipe_photo.py"),

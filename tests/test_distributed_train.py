@@ -227,6 +227,18 @@ def test_two_nodes_with_c10d_rendezvous_complete_and_early_stop_together(plates_
     assert _raw_step_numbers(tmp_path / "runs" / "nodes") == [1, 2, 3, 4]
 
 
+def test_time_limit_ends_both_processes_together(data, tmp_path):
+    """A limit shorter than one epoch: after epoch 1 rank 0 plans no more and broadcasts it; both ranks stop there."""
+    args = _train_args(tmp_path, data, "train.epochs=3", "train.time_limit_min=0.001")
+    proc = _run(_torchrun(*args, "--run-name", "timed"), _env())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    status = runs.read_status(tmp_path / "runs" / "timed")
+    assert status["state"] == "completed" and status["end_reason"] == "time_limit"
+    assert (status["epoch"], status["epochs"], status["total_steps"]) == (1, 1, 2)
+    assert _raw_step_numbers(tmp_path / "runs" / "timed") == [1, 2]
+    assert "Replicas identical after 2 steps on 2 processes" in (tmp_path / "runs" / "timed" / runs.LOG_FILE).read_text()
+
+
 def test_a_process_count_that_does_not_divide_the_batch_fails_before_starting(data, tmp_path):
     proc = _run([sys.executable, "-m", "engine", *_train_args(tmp_path, data), "--run", "odd", "--nproc", "3"],
                 _env(), timeout=60)

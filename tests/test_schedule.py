@@ -99,3 +99,28 @@ def test_early_stopping_disabled_and_state_roundtrip():
     restored.load_state_dict(es.state_dict())
     assert restored.state_dict() == {"best": 0.4, "bad_epochs": 1}
     assert restored.update(0.35) is False and restored.should_stop
+
+
+def test_epochs_within_a_time_limit():
+    from engine.schedule import epochs_within
+
+    assert epochs_within(0, 500.0, 3, 50) == 50  # no limit
+    assert epochs_within(600, 0.0, 0, 50) == 50  # nothing measured yet
+    assert epochs_within(210, 60.0, 1, 6) == 3  # 150 s left, 60 s per epoch: two more fit
+    assert epochs_within(210, 180.0, 3, 6) == 3  # 30 s left: none
+    assert epochs_within(10_000, 60.0, 1, 6) == 6  # capped by train.epochs
+    assert epochs_within(100, 400.0, 2, 6) == 2  # over the limit: never fewer than done
+
+
+def test_refit_ends_the_cosine_at_the_new_length():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = WarmupCosineLR(opt, 0.1, total_steps=100, warmup_steps=0, min_lr=0.0)
+    for _ in range(10):
+        sched.step()
+    before = sched.get_lr()
+    sched.refit(20)
+    assert sched.get_lr() < before and opt.param_groups[0]["lr"] == sched.get_lr()
+    for _ in range(9):
+        sched.step()
+    assert sched.last_step == 19 and sched.get_lr() == pytest.approx(0.0)
+    assert WarmupCosineLR(opt, 0.1, 100).state_dict()["total_steps"] == 100 and sched.state_dict()["total_steps"] == 20

@@ -228,6 +228,37 @@ def test_early_stopping_stops_the_run(work, monkeypatch):
     assert "early stopped at epoch 4" in runs.read_status(work / "runs" / "early")["message"]
 
 
+# ----------------------------------------------------------------------------- time limit
+def test_time_limit_plans_the_epochs_that_fit_and_survives_a_resume(work, monkeypatch):
+    """A scripted clock (60 s per epoch done) under a 3.5-min limit: after epoch 1 three epochs fit (of 6), the
+    cosine is refit to end at epoch 3; a stop in epoch 2 and a resume keep that plan; the run ends with time_limit."""
+    from engine.report import write_report
+    from engine.train import LoopState
+
+    monkeypatch.setattr(LoopState, "elapsed", lambda self: 60.0 * (self.next_epoch - 1))
+    cfg = config_from_dict(tiny_dict(work / "data", work, train={"epochs": 6, "time_limit_min": 3.5},
+                                     schedule={"warmup_epochs": 0, "min_lr": 1e-5}, eval={"probe_images": 0}))
+    assert train(cfg, "timed", stop_at_step=3)["state"] == "stopped"
+    run_dir, ckpt_path = work / "runs" / "timed", work / "checkpoints" / "timed" / runs.LAST_CKPT
+    status = runs.read_status(run_dir)
+    assert (status["epochs"], status["total_steps"]) == (3, 6)
+    assert load_checkpoint(ckpt_path)["scheduler"]["total_steps"] == 6
+    result = train(load_run_config("timed", str(work / "runs")), "timed", resume=True)
+    assert result["state"] == "completed"
+    steps, epochs = runs.read_metrics(run_dir)
+    assert [r["epoch"] for r in epochs] == [1, 2, 3]
+    assert steps[-1]["step"] == 6 and steps[-1]["lr"] == pytest.approx(1e-5)  # the refit cosine ended at step 6
+    assert steps[1]["lr"] > steps[2]["lr"] > steps[-1]["lr"]
+    status = runs.read_status(run_dir)
+    assert status["end_reason"] == "time_limit" and "time limit reached after 3 epochs" in status["message"]
+    last = load_checkpoint(ckpt_path)
+    assert last["completed"] and last["end_reason"] == "time_limit"
+    log = (run_dir / runs.LOG_FILE).read_text()
+    assert "3 epochs planned (was 6)" in log and "Epoch [3/3]" in log and "Time limit reached" in log
+    report = write_report("timed", str(work / "runs"), str(work / "checkpoints"), str(work / "report-timed")).read_text()
+    assert "time limit reached" in report and "The time limit (3.5 min) ended the run after 3 of 6 epochs" in report
+
+
 # ----------------------------------------------------------------------------- failures
 def test_dataset_error_marks_the_run_failed(work):
     broken = make_tiny_dataset(work / "data", work / "broken", counts=(("train", 4), ("valid", 2), ("test", 2)))

@@ -135,6 +135,11 @@ def _new_run_form() -> None:
                                        "none: random init; a best.pth: fine-tune from that run")
         with c2:
             epochs = st.number_input("Epochs", 1, 10000, int(defaults.epochs), key=f"nr_epochs_{k}")
+            limit = st.number_input("Time limit (min)", 0.0, 1e6, float(defaults.time_limit_min), step=5.0,
+                                    format="%g", key=f"nr_limit_{k}",
+                                    help="0: none. Training + validation stop at the last epoch that fits; the LR "
+                                         "schedule is refit after every epoch to end there (the test evaluation is "
+                                         "extra)")
             batch = st.number_input("Batch size", 1, 1024, int(defaults.batch_size), key=f"nr_batch_{k}")
             lr = st.number_input("Learning rate", 1e-7, 10.0, float(defaults.lr), format="%.6f", step=0.0005,
                                  key=f"nr_lr_{k}")
@@ -155,7 +160,8 @@ def _new_run_form() -> None:
         st.info(f"Run {name} is already started (a second click does not start another).")
         return
     chosen = new_run.FormValues(data_root=data_root.strip(), model=model, weights=weight, epochs=int(epochs),
-                                batch_size=int(batch), lr=float(lr), image_size=int(size), device=device, name=name)
+                                batch_size=int(batch), lr=float(lr), image_size=int(size), device=device, name=name,
+                                time_limit_min=float(limit))
     _launch(cfg_path, defaults, chosen, int(nproc))
 
 

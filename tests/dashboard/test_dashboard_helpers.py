@@ -178,12 +178,14 @@ def test_build_overrides_only_changed_values_and_image_size_sets_both():
     d = new_run.form_defaults(cfg)
     assert new_run.build_overrides(d, d) == []
     chosen = new_run.FormValues(**{**d.__dict__, "epochs": 2, "lr": 0.001, "image_size": 160, "weights": "coco",
-                                   "batch_size": 4, "model": "fasterrcnn_mobilenet_v3_large_fpn"})
+                                   "batch_size": 4, "model": "fasterrcnn_mobilenet_v3_large_fpn", "time_limit_min": 30})
     ov = new_run.build_overrides(d, chosen)
     assert ov == ["model.name=fasterrcnn_mobilenet_v3_large_fpn", "model.weights=coco", "train.epochs=2",
-                  "train.batch_size=4", "optim.lr=0.001", "input.train_sizes=[160]", "input.test_size=160"]
+                  "train.time_limit_min=30", "train.batch_size=4", "optim.lr=0.001", "input.train_sizes=[160]",
+                  "input.test_size=160"]
     cfg2 = new_run.validate_launch(ROOT / "configs" / "demo_cpu.yaml", ov)
     assert cfg2.input.train_sizes == [160] and cfg2.input.test_size == 160 and cfg2.optim.lr == 0.001
+    assert cfg2.train.time_limit_min == 30
 
 
 def test_validate_launch_names_the_bad_key():
