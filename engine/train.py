@@ -474,7 +474,7 @@ def replan_for_time_limit(t: Training, loop: LoopState, epochs_done: int, state:
         loop.end_reason = "time_limit" if planned <= epochs_done else loop.end_reason
     if planned == t.epochs:
         return
-    log.info("Time limit %g min: %.1f min used in %d epochs; %d epochs planned (was %d), the LR schedule now "
+    log.info("Time limit %g min: %.1f min used after epoch %d; %d epochs planned (was %d), the LR schedule now "
              "ends at epoch %d", t.cfg.train.time_limit_min, elapsed / 60, epochs_done, planned, t.epochs, planned)
     t.epochs = planned
     t.scheduler.refit(t.total_steps)

@@ -18,6 +18,9 @@ then configs/real_finetune_cpu.yaml from that checkpoint on plates-real/train, a
 from scratch with the same training time (train.time_limit_min = the training + validation minutes
 of synthetic + fine-tune, so its cosine is fitted to that budget); test mAP@0.5 of both; then
       tests/e2e/test_e2e_recipe_photo.py on the fine-tuned model (a real test photo in Chromium).
+      --seed N gives both real-photo runs run.seed N (another draw of their augmentation and init);
+      --synthetic-run RUN reuses that earlier synthetic run of --runs-dir (the demo trains
+      deterministically) instead of training it again, and counts its training time the same way.
 perf: every number of issue 9 next to its anchor measured in the same run (scripts/perf_bench.py
       says what is measured and how, scripts/browser_bench.py the browser rows); CPU heavy for about
       15 minutes.
@@ -152,18 +155,27 @@ def _train(name: str, args: list, runs_dir: Path) -> float:
     return time.time() - t0
 
 
-def bench_transfer(runs_dir: Path) -> list[tuple[str, str, str]]:
+def bench_transfer(runs_dir: Path, seed: int | None = None, synthetic_run: str | None = None) -> list[tuple[str, str, str]]:
     import yaml
 
     if PLATES_REAL is None:
         return [("transfer to real photos", "plates-real not found", "")]
     stamp, cmd_text = time.strftime('%Y%m%d-%H%M%S'), "python scripts/benchmark.py --only transfer"
     synth, fine, scratch = (f"bench-{k}-{stamp}" for k in ("synth", "finetune", "scratch"))
-    synth_wall = _train(synth, ["--config", "configs/demo_cpu.yaml", "--data", str(ROOT / "data" / synth)], runs_dir)
+    if synthetic_run:
+        synth, cmd_text = synthetic_run, cmd_text + f" --synthetic-run {synthetic_run}"
+        synth_wall = float(runs.read_status(runs_dir / synth).get("ended_at") or 0) - \
+            float(runs.read_status(runs_dir / synth).get("started_at") or 0)
+    else:
+        synth_wall = _train(synth, ["--config", "configs/demo_cpu.yaml", "--data", str(ROOT / "data" / synth)], runs_dir)
     weights = ROOT / "checkpoints" / synth / "best.pth"
-    subprocess.run([sys.executable, "-m", "engine", "evaluate", "--checkpoint", str(weights), "--data", str(PLATES_REAL),
-                    "--split", "test", "--out", str(runs_dir / synth / "real-test")], cwd=ROOT, check=True)
+    if not (runs_dir / synth / "real-test" / "metrics.json").is_file():
+        subprocess.run([sys.executable, "-m", "engine", "evaluate", "--checkpoint", str(weights), "--data",
+                        str(PLATES_REAL), "--split", "test", "--out", str(runs_dir / synth / "real-test")],
+                       cwd=ROOT, check=True)
     real = ["--config", "configs/real_finetune_cpu.yaml", "--data", str(PLATES_REAL)]
+    if seed is not None:
+        real, cmd_text = real + ["--set", f"run.seed={seed}"], cmd_text + f" --seed {seed}"
     fine_wall = _train(fine, real + ["--set", f"model.weights={weights}"], runs_dir)
     epochs = yaml.safe_load((ROOT / "configs/real_finetune_cpu.yaml").read_text())["train"]["epochs"]
     budget_min = (_training_s(runs_dir / synth) + _training_s(runs_dir / fine)) / 60  # the same training time
@@ -202,6 +214,8 @@ def main() -> int:
     ap.add_argument("--runs-dir", default="runs")
     ap.add_argument("--tb-steps", type=int, default=100_000,
                     help="perf: steps of the TensorBoard anchor run (written through the engine's writers)")
+    ap.add_argument("--seed", type=int, help="transfer: run.seed of the fine-tune and the from-scratch run")
+    ap.add_argument("--synthetic-run", help="transfer: reuse this synthetic demo run of --runs-dir")
     args = ap.parse_args()
     only = set(args.only or ["val", "demo"])
     rows: list[tuple[str, str, str]] = []
@@ -210,7 +224,7 @@ def main() -> int:
     if "demo" in only:
         rows += bench_demo(Path(args.runs_dir))
     if "transfer" in only:
-        rows += bench_transfer(Path(args.runs_dir))
+        rows += bench_transfer(Path(args.runs_dir), args.seed, args.synthetic_run)
     if "gpu" in only:
         rows += bench_gpu(Path(args.runs_dir))
     if "perf" in only:

@@ -60,7 +60,7 @@ def _actions(rows: list) -> None:
                  f"{status.get('state')} (killed or crashed). Resume continues from last.pth.")
     elif row.state == "stalled":
         st.warning(f"{name}: no heartbeat for a while (host {status.get('host')}).")
-    elif status.get("message") and row.state != "completed":
+    elif status.get("message"):  # a completed run's says how it ended (epochs, early stopping, time limit)
         st.caption(f"{name}: {status['message']}")
 
 

@@ -140,6 +140,7 @@ def test_new_run_form_preselects_the_demo_config(dash_env):
     demo = load_config(dash_env["configs"] / "demo_cpu.yaml")
     assert at.number_input(key="nr_epochs_demo_cpu").value == demo.train.epochs
     assert at.number_input(key="nr_size_demo_cpu").value == demo.input.test_size
+    assert at.number_input(key="nr_limit_demo_cpu").value == 0.0  # no time limit unless asked
 
 
 def _submit(at):
@@ -178,6 +179,7 @@ def test_new_run_form_launches_a_detached_run_once(dash_env, plates_real, tmp_pa
     at = app_test()
     at.selectbox(key="nr_config").set_value(cfg).run()
     at.text_input(key="nr_name").set_value("from-form")
+    at.number_input(key="nr_limit_tiny").set_value(45.0)
     run_dir = dash_env["runs"] / "from-form"
     try:
         _submit(at)
@@ -208,6 +210,7 @@ def _check_launched(at, run_dir):
     while time.time() < end and (runs.read_status(run_dir) or {}).get("state") == "queued":
         time.sleep(0.5)
     assert runs.read_status(run_dir)["state"] in ("running", "completed"), runs.tail_text(run_dir / runs.LOG_FILE)
+    assert yaml.safe_load((run_dir / runs.CONFIG_FILE).read_text())["train"]["time_limit_min"] == 45.0
     if runs.read_status(run_dir)["state"] == "running":
         launch.stop_run("from-form", run_dir.parent)
     end = time.time() + 180
@@ -460,6 +463,18 @@ def test_run_pickers_follow_the_shared_selection(all_states):
     at.run()
     assert at.selectbox(key="runs_action_pick").value == "other"
     assert any(t.startswith("**other**") for t in _texts(at, "markdown"))
+
+
+def test_a_completed_run_says_how_it_ended(all_states):
+    """The trainer's closing message (here: a time limit) is shown under the selected run."""
+    run_dir = all_states["runs"] / "other"
+    status = runs.read_status(run_dir)
+    status.update(message="time limit reached after 2 epochs; best mAP@0.5 0.4200 at epoch 2", end_reason="time_limit")
+    runs.atomic_write_json(run_dir / runs.STATUS_FILE, status)
+    at = app_test()
+    at.selectbox(key="runs_action_pick").set_value("other").run()
+    assert "other: time limit reached after 2 epochs; best mAP@0.5 0.4200 at epoch 2" in _texts(at, "caption")
+    assert not at.exception
 
 
 def test_first_start_generates_the_demo_dataset_once(dash_env, monkeypatch):
