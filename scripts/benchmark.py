@@ -164,8 +164,8 @@ def bench_transfer(runs_dir: Path, seed: int | None = None, synthetic_run: str |
     synth, fine, scratch = (f"bench-{k}-{stamp}" for k in ("synth", "finetune", "scratch"))
     if synthetic_run:
         synth, cmd_text = synthetic_run, cmd_text + f" --synthetic-run {synthetic_run}"
-        synth_wall = float(runs.read_status(runs_dir / synth).get("ended_at") or 0) - \
-            float(runs.read_status(runs_dir / synth).get("started_at") or 0)
+        status = runs.read_status(runs_dir / synth)
+        synth_wall = float(status.get("ended_at") or 0) - float(status.get("started_at") or 0)
     else:
         synth_wall = _train(synth, ["--config", "configs/demo_cpu.yaml", "--data", str(ROOT / "data" / synth)], runs_dir)
     weights = ROOT / "checkpoints" / synth / "best.pth"
