@@ -125,16 +125,17 @@ def test_cli_nproc_execs_torchrun_with_a_fixed_run_name(monkeypatch):
 
 
 def test_the_produced_command_really_runs_under_torchrun(tmp_path):
-    """torchrun hands every flag to the module unchanged (a stand-in `engine` package echoes argv)."""
+    """torchrun hands every flag to the module unchanged (a stand-in `engine` package writes its argv to a file
+    per rank: both ranks printing to the one pipe could interleave their lines)."""
     (tmp_path / "engine").mkdir()
     (tmp_path / "engine" / "__main__.py").write_text(
-        "import os, sys\nprint('ARGV', os.environ['RANK'], sys.argv[1:])\n")
+        "import os, sys\nopen(f\"argv-{os.environ['RANK']}\", 'w').write(f\"ARGV {os.environ['RANK']} {sys.argv[1:]}\")\n")
     cmd = L.train_launch_command(["--config", "c.yaml", "--run", "r1", "--set", "a.b=1", "--nproc", "2"], "r1")
     env = {k: v for k, v in os.environ.items() if k not in TORCHELASTIC_VARS}
     env.update(PYTHONPATH=str(tmp_path), GLOO_SOCKET_IFNAME="lo")
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("ARGV"))
+    lines = [(tmp_path / f"argv-{rank}").read_text() for rank in (0, 1)]
     expected = "['train', '--config', 'c.yaml', '--set', 'a.b=1', '--run-name', 'r1']"
     assert lines == [f"ARGV 0 {expected}", f"ARGV 1 {expected}"]
 
