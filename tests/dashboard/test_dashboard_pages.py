@@ -122,7 +122,7 @@ def test_stop_button_sends_sigterm_to_the_run(dash_env):
         at.selectbox(key="runs_action_pick").set_value("sleeper").run()
         at.button(key="btn_stop").click().run()
         assert not at.exception
-        assert any("Stop requested for sleeper" in t for t in _texts(at, "success"))
+        assert any("Stop requested for sleeper" in t for t in _texts(at, "success")), _all_text(at)  # what it said
         assert proc.wait(timeout=10) != 0
     finally:
         if proc.poll() is None:
