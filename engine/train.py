@@ -277,8 +277,8 @@ def restore_training(ckpt: dict, t: Training) -> LoopState:
         log.warning("%s", warning)
         if ckpt.get("epoch_progress"):
             global_step = sched["last_step"] = int(ckpt["epoch_progress"]["start_step"])
-    if t.cfg.train.time_limit_min > 0 and _planned_epochs(sched, t) is not None:
-        t.epochs = _planned_epochs(sched, t)
+    if t.cfg.train.time_limit_min > 0:
+        t.epochs = _planned_epochs(sched, t) or t.epochs
     if int(sched.get("total_steps", t.total_steps)) != t.total_steps:
         raise RunError(f"{where}: the run had {sched.get('total_steps')} steps in all, the data and config now give "
                        f"{t.total_steps} ({t.steps_per_epoch}/epoch); the dataset or batch size changed, "
@@ -470,8 +470,8 @@ def replan_for_time_limit(t: Training, loop: LoopState, epochs_done: int, state:
         return
     elapsed = loop.elapsed()
     planned = D.broadcast_object(epochs_within(limit_s, elapsed, epochs_done, t.cfg.train.epochs), t.ctx)
-    if planned < t.cfg.train.epochs:
-        loop.end_reason = "time_limit" if planned <= epochs_done else loop.end_reason
+    if planned <= epochs_done < t.cfg.train.epochs:
+        loop.end_reason = "time_limit"
     if planned == t.epochs:
         return
     log.info("Time limit %g min: %.1f min used after epoch %d; %d epochs planned (was %d), the LR schedule now "
