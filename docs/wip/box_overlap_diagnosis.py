@@ -16,20 +16,16 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from engine import metrics  # noqa: E402
 from engine.data import PlateDataset, load_split  # noqa: E402
+from engine.evaluate import _predict_timed  # noqa: E402
 from engine.model import load_model_from_checkpoint  # noqa: E402
-from engine.predict import infer  # noqa: E402
 
 
 def predict_split(checkpoint: str, split: str) -> tuple[list, list]:
+    """Ground truth and predictions per image, by the same loop as `python -m engine evaluate`."""
     model, _ = load_model_from_checkpoint(checkpoint, device="cpu")
     model.eval()
     dataset = PlateDataset(load_split(ROOT.parent / "shared" / "data" / "plates-real", split), train=False)
-    gts, preds = [], []
-    for index, record in enumerate(dataset.records):
-        image, _ = dataset[index]
-        boxes, scores, _, _ = infer(model, image, torch.device("cpu"))
-        gts.append({"image_id": record.id, "boxes": record.boxes, "width": record.width, "height": record.height})
-        preds.append({"image_id": record.id, "boxes": np.asarray(boxes), "scores": np.asarray(scores)})
+    gts, preds, *_ = _predict_timed(model, dataset, torch.device("cpu"), False, False, split, None)
     return gts, preds
 
 
