@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -131,11 +132,35 @@ def _add_config_doc(sub) -> None:
     p.set_defaults(func=cmd_config_doc)
 
 
+def _seconds(text: str) -> float:
+    """A duration in seconds, >= 0 (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be >= 0 seconds")
+    return value
+
+
+def _add_stop(sub) -> None:
+    p = sub.add_parser("stop", help="stop a running run: it saves last.pth; what does not exit is killed",
+                       description="SIGTERM to the run (it finishes its step, saves last.pth, writes `stopped`), "
+                                   "then wait; a process still alive --kill-after seconds after the run ended "
+                                   "(or --deadline seconds after the stop) gets SIGKILL.")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("--runs-dir", default="runs", metavar="DIR")
+    p.add_argument("--kill-after", type=_seconds, default=30.0, metavar="S")
+    p.add_argument("--deadline", type=_seconds, default=300.0, metavar="S")
+    p.add_argument("--watch", metavar="JSON", help=argparse.SUPPRESS)  # the dashboard's detached watch
+    p.set_defaults(func=cmd_stop)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m engine", description="License-plate detector engine.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_train, _add_synth, _add_evaluate, _add_predict, _add_report, _add_export, _add_bench,
-                _add_serve, _add_config_doc):
+                _add_serve, _add_stop, _add_config_doc):
         add(sub)
     return parser
 
@@ -301,6 +326,27 @@ def report_error(text: str) -> None:
     print(f"error: {text}", file=sys.stderr, flush=True)
 
 
+
+
+def cmd_stop(args) -> int:
+    """Foreground: signal, then watch. With --watch (spawned by engine.launch.stop_run): watch only."""
+    from engine import launch, runs, stop_watch
+
+    run_dir = Path(args.runs_dir) / args.run
+    if args.watch is not None:
+        try:
+            targets, sent_at = stop_watch.decode(args.watch)
+        except ValueError as exc:
+            raise launch.LaunchError(str(exc)) from None
+    else:
+        targets, sent_at = stop_watch.targets_of(runs.read_status(run_dir)), time.time()
+        pid = launch.stop_run(args.run, args.runs_dir, watch=False)
+        print(f"SIGTERM sent to run {args.run} (pid {pid}); waiting for it to save last.pth and exit", flush=True)
+    killed = stop_watch.watch(run_dir, targets, kill_after_s=args.kill_after, deadline_s=args.deadline,
+                              sent_at=sent_at)
+    if args.watch is None:
+        print(f"run {args.run}: {runs.effective_state(runs.read_status(run_dir))}", flush=True)
+    return 1 if killed else 0
 
 
 def cmd_config_doc(args) -> int:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from engine import runs
+from engine import runs, stop_watch
 from engine.config import load_config, validate_run_name
 from engine.errors import EngineError
 from engine.runs import EVALUATE_LOG, EVALUATE_PID
@@ -156,12 +156,16 @@ def resume_run(run_name: str, runs_dir: PathLike = "runs") -> int:
             pass
 
 
-def stop_run(run_name: str, runs_dir: PathLike = "runs") -> int:
+def stop_run(run_name: str, runs_dir: PathLike = "runs", watch: bool = True) -> int:
     """SIGTERM to the run's process group (the trainer saves last.pth and writes `stopped`).
 
+    With `watch` a detached `python -m engine stop RUN --watch ...` then makes sure every process of
+    the run ends (engine.stop_watch: SIGKILL to one still alive 30 s after the run ended).
     Returns the signalled pid; LaunchError when the run is not alive on this host.
     """
-    run_dir = _abs(runs_dir) / run_name
+    validate_run_name(run_name)
+    runs_dir = _abs(runs_dir)
+    run_dir = runs_dir / run_name
     status = runs.read_status(run_dir)
     if not status:
         raise LaunchError(f"run {run_name!r} has no status.json in {run_dir.parent}")
@@ -172,7 +176,9 @@ def stop_run(run_name: str, runs_dir: PathLike = "runs") -> int:
     pid = _live_pid(status)
     if not pid:
         raise LaunchError(f"run {run_name!r}: process {status.get('pid')} is gone (crashed)")
+    targets = stop_watch.targets_of(status)
     pgid = status.get("pgid") or pid
+    sent_at = time.time()
     log.info("stop_run: SIGTERM to run %s (pid %s, process group %s)", run_name, pid, pgid)
     try:
         if pgid == os.getpgid(pid):
@@ -183,6 +189,12 @@ def stop_run(run_name: str, runs_dir: PathLike = "runs") -> int:
         raise LaunchError(f"run {run_name!r}: process {pid} is gone") from None
     except PermissionError:
         raise LaunchError(f"run {run_name!r}: not allowed to signal process {pid}") from None
+    if watch and targets:
+        try:
+            _spawn(["stop", run_name, "--runs-dir", str(runs_dir), "--watch", stop_watch.encode(targets, sent_at)],
+                   run_dir / runs.LOG_FILE)
+        except OSError as exc:  # the stop itself is sent; only the escalation is missing
+            log.warning("stop_run: cannot start the stop watch for %s (%s)", run_name, exc)
     return pid
 
 

@@ -93,6 +93,9 @@ def test_stop_run_signals_the_process_group(tmp_path):
     try:
         assert launch.stop_run("live", tmp_path) == proc.pid
         assert proc.wait(timeout=10) == -signal.SIGTERM
+        # the detached stop watch saw it go and says so in the run's log
+        log = tmp_path / "live" / runs.LOG_FILE
+        assert _wait(lambda: "stop: every process of the run exited (1)" in log.read_text(), 30), log.read_text()
     finally:
         if proc.poll() is None:
             proc.kill()

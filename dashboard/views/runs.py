@@ -27,7 +27,8 @@ def _actions(rows: list) -> None:
     row = by_name[name]
     with cols[1]:
         if st.button("Stop", icon=":material/stop:", disabled=not row.can_stop, width="stretch", key="btn_stop",
-                     help="SIGTERM: the trainer finishes the step, saves last.pth and stops"):
+                     help="SIGTERM: the trainer finishes the step, saves last.pth and stops; a process still alive "
+                          "30 s after the run stopped is killed"):
             try:
                 launch.stop_run(name, runs_dir)
                 ui.flash("success", f"Stop requested for {name}: it saves last.pth and stops.")
