@@ -90,7 +90,7 @@ def decode(text: str) -> tuple[list[Target], float]:
                    for i in data["targets"]]
         return targets, float(data["sent_at"])
     except (ValueError, TypeError, KeyError) as exc:
-        raise ValueError(f"--watch: expected the JSON list of processes a stop sends ({exc})") from None
+        raise ValueError(f"--watch: expected the JSON a stop sends, {{'sent_at': ..., 'targets': [...]}} ({exc})") from None
 
 
 def kill(target: Target) -> None:
@@ -135,7 +135,7 @@ def watch(run_dir: PathLike, targets: list[Target], kill_after_s: float = KILL_A
         if overdue:
             why = (f"still alive {now - ended_at:.0f} s after the run ended" if ended_at is not None
                    else f"the run did not end within {deadline_s:.0f} s of the stop")
-            for target in left:
+            for target in [t for t in left if alive(t)]:  # the start time checked again just before
                 kill(target)
                 killed.append(target)
                 _say(f"SIGKILL to the {target.role} (pid {target.pid}): {why}")
