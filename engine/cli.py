@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from engine.errors import EngineError
+from engine.stop_watch import DEADLINE_S, KILL_AFTER_S
 
 
 def _add_train(sub) -> None:
@@ -150,8 +151,10 @@ def _add_stop(sub) -> None:
                                    "(or --deadline seconds after the stop) gets SIGKILL.")
     p.add_argument("run", metavar="RUN")
     p.add_argument("--runs-dir", default="runs", metavar="DIR")
-    p.add_argument("--kill-after", type=_seconds, default=30.0, metavar="S")
-    p.add_argument("--deadline", type=_seconds, default=300.0, metavar="S")
+    p.add_argument("--kill-after", type=_seconds, default=KILL_AFTER_S, metavar="S",
+                   help=f"after the run ended (default {KILL_AFTER_S:.0f})")
+    p.add_argument("--deadline", type=_seconds, default=DEADLINE_S, metavar="S",
+                   help=f"after the stop, whatever the status says (default {DEADLINE_S:.0f})")
     p.add_argument("--watch", metavar="JSON", help=argparse.SUPPRESS)  # the dashboard's detached watch
     p.set_defaults(func=cmd_stop)
 
@@ -331,7 +334,9 @@ def report_error(text: str) -> None:
 def cmd_stop(args) -> int:
     """Foreground: signal, then watch. With --watch (spawned by engine.launch.stop_run): watch only."""
     from engine import launch, runs, stop_watch
+    from engine.config import validate_run_name
 
+    validate_run_name(args.run)
     run_dir = Path(args.runs_dir) / args.run
     if args.watch is not None:
         try:
