@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -344,8 +343,7 @@ def cmd_stop(args) -> int:
         except ValueError as exc:
             raise launch.LaunchError(str(exc)) from None
     else:
-        targets, sent_at = stop_watch.targets_of(runs.read_status(run_dir)), time.time()
-        pid = launch.stop_run(args.run, args.runs_dir, watch=False)
+        pid, targets, sent_at = launch.send_stop(args.run, args.runs_dir)
         print(f"SIGTERM sent to run {args.run} (pid {pid}); waiting for it to save last.pth and exit", flush=True)
     killed = stop_watch.watch(run_dir, targets, kill_after_s=args.kill_after, deadline_s=args.deadline,
                               sent_at=sent_at)

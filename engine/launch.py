@@ -156,16 +156,29 @@ def resume_run(run_name: str, runs_dir: PathLike = "runs") -> int:
             pass
 
 
-def stop_run(run_name: str, runs_dir: PathLike = "runs", watch: bool = True) -> int:
-    """SIGTERM to the run's process group (the trainer saves last.pth and writes `stopped`).
+def stop_run(run_name: str, runs_dir: PathLike = "runs") -> int:
+    """SIGTERM to the run's process group (the trainer saves last.pth and writes `stopped`), then a
+    detached `python -m engine stop RUN --watch ...` makes sure every process of the run ends
+    (engine.stop_watch: SIGKILL to one still alive 30 s after the run ended).
 
-    With `watch` a detached `python -m engine stop RUN --watch ...` then makes sure every process of
-    the run ends (engine.stop_watch: SIGKILL to one still alive 30 s after the run ended).
     Returns the signalled pid; LaunchError when the run is not alive on this host.
     """
-    validate_run_name(run_name)
     runs_dir = _abs(runs_dir)
-    run_dir = runs_dir / run_name
+    pid, targets, sent_at = send_stop(run_name, runs_dir)
+    if targets:
+        try:
+            _spawn(["stop", run_name, "--runs-dir", str(runs_dir), "--watch", stop_watch.encode(targets, sent_at)],
+                   runs_dir / run_name / runs.LOG_FILE)
+        except OSError as exc:  # the stop itself is sent; only the escalation is missing
+            log.warning("stop_run: cannot start the stop watch for %s (%s)", run_name, exc)
+    return pid
+
+
+def send_stop(run_name: str, runs_dir: PathLike = "runs") -> tuple[int, list[stop_watch.Target], float]:
+    """SIGTERM to the run's process group; (the signalled pid, the run's processes as they were, when).
+    LaunchError when the run is not alive on this host."""
+    validate_run_name(run_name)
+    run_dir = _abs(runs_dir) / run_name
     status = runs.read_status(run_dir)
     if not status:
         raise LaunchError(f"run {run_name!r} has no status.json in {run_dir.parent}")
@@ -189,13 +202,7 @@ def stop_run(run_name: str, runs_dir: PathLike = "runs", watch: bool = True) -> 
         raise LaunchError(f"run {run_name!r}: process {pid} is gone") from None
     except PermissionError:
         raise LaunchError(f"run {run_name!r}: not allowed to signal process {pid}") from None
-    if watch and targets:
-        try:
-            _spawn(["stop", run_name, "--runs-dir", str(runs_dir), "--watch", stop_watch.encode(targets, sent_at)],
-                   run_dir / runs.LOG_FILE)
-        except OSError as exc:  # the stop itself is sent; only the escalation is missing
-            log.warning("stop_run: cannot start the stop watch for %s (%s)", run_name, exc)
-    return pid
+    return pid, targets, sent_at
 
 
 def evaluate_pid(run_name: str, runs_dir: PathLike = "runs") -> Optional[int]:

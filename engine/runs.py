@@ -195,12 +195,17 @@ def pid_alive(pid: Optional[int]) -> bool:
     except PermissionError:
         return True
     # A zombie (exited, not yet reaped by its parent) still answers kill(0); check /proc.
+    fields = proc_stat(pid)
+    return not fields or fields[0] != b"Z"
+
+
+def proc_stat(pid: int) -> Optional[list[bytes]]:
+    """/proc/<pid>/stat from field 3 (the state) on, split; None where /proc cannot tell."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
-            state = fh.read().rsplit(b")", 1)[1].split()[0]
-        return state != b"Z"
+            return fh.read().rsplit(b")", 1)[1].split() or None
     except (OSError, IndexError):
-        return True
+        return None
 
 
 def read_config(run_path: PathLike) -> dict:

@@ -45,11 +45,10 @@ class Target:
 
 def process_start(pid: int) -> Optional[int]:
     """The start time of process `pid` (clock ticks since boot), None where /proc cannot tell."""
+    fields = runs.proc_stat(pid)
     try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            fields = fh.read().rsplit(b")", 1)[1].split()
         return int(fields[19])  # field 22 of proc(5); fields[0] is field 3 (the state)
-    except (OSError, IndexError, ValueError):
+    except (TypeError, IndexError, ValueError):
         return None
 
 
@@ -114,7 +113,7 @@ def _mark_killed(run_dir: PathLike, deadline_s: float) -> None:
                f"it saved")
     try:
         runs.write_ended(run_dir, "failed", message, error=message)
-    except (OSError, runs.RunFolderWriteError):
+    except OSError:  # RunFolderWriteError included
         pass
 
 

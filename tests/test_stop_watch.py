@@ -17,7 +17,7 @@ from engine import launch, runs, stop_watch
 from tests.conftest import ROOT, make_real_subset
 from tests.dashboard.fixtures import make_run
 
-# ignores SIGTERM, starts a child in its own process group, writes the child's pid, then sleeps
+# ignores SIGTERM, starts a child (in its process group, which _stubborn makes its own), writes the child's pid, sleeps
 STUBBORN = ("import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
             "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']); "
             "open(sys.argv[1], 'w').write(str(child.pid)); time.sleep(300)")
@@ -51,7 +51,7 @@ def test_a_process_that_outlives_its_stopped_run_is_killed_with_its_group(tmp_pa
         run_dir = make_run(tmp_path, "wedged", state="running", pid=proc.pid)
         targets = stop_watch.targets_of(runs.read_status(run_dir))
         assert [(t.role, t.pid) for t in targets] == [("trainer", proc.pid)]
-        launch.stop_run("wedged", tmp_path, watch=False)
+        launch.send_stop("wedged", tmp_path)
         time.sleep(0.5)
         assert proc.poll() is None  # the SIGTERM did nothing
         runs.write_ended(run_dir, "stopped", "stopped at step 3")  # as a trainer does before its exit
@@ -72,7 +72,7 @@ def test_a_run_that_never_answers_the_stop_is_killed_at_the_deadline_and_marked_
     try:
         run_dir = make_run(tmp_path, "deaf", state="running", pid=proc.pid)
         targets = stop_watch.targets_of(runs.read_status(run_dir))
-        launch.stop_run("deaf", tmp_path, watch=False)
+        launch.send_stop("deaf", tmp_path)
         killed = stop_watch.watch(run_dir, targets, kill_after_s=1.0, deadline_s=2.0)
         assert [t.pid for t in killed] == [proc.pid] and proc.wait(timeout=10) == -9
         status = runs.read_status(run_dir)
